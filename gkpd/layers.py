@@ -1,0 +1,290 @@
+"""Drop-in Kronecker layers: ``KroneckerConv2d`` and ``KroneckerLinear``, with the attribute names of nn.Conv2d/Linear."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from gkpd.decompose import decompose, reconstruct
+from gkpd.functional import PATHS, Path, kronecker_conv2d, kronecker_linear
+from gkpd.spec import ConvGeometry, KroneckerSpec
+
+__all__ = ["KroneckerConv2d", "KroneckerLinear", "LayerPath", "set_path", "use_path", "conv_pads"]
+
+LayerPath = Literal["auto", "factorized", "materialized"]
+_LAYER_PATHS: tuple[LayerPath, ...] = ("auto", *PATHS)
+
+# (device, dtype, spec, geometry, batch, memory format, grad) -> the faster path, measured once per process.
+_AUTO_CHOICE: dict[tuple, Path] = {}
+
+
+def conv_pads(padding: str | int | tuple[int, ...], kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """nn.Conv2d's ``padding`` as explicit zero pads ``(top, bottom, left, right)``."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        # As torch does for "same": the odd extra pixel goes after (bottom/right).
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return (totals[0] // 2, totals[0] - totals[0] // 2, totals[1] // 2, totals[1] - totals[1] // 2)
+    if isinstance(padding, str):
+        raise ValueError(f"padding {padding!r} is not supported: allowed an int, a pair, 'same' or 'valid'")
+    ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    return (ph, ph, pw, pw)
+
+
+def _check_path(path: str) -> None:
+    if path not in _LAYER_PATHS:
+        raise ValueError(f"unknown path {path!r}: allowed {_LAYER_PATHS}")
+
+
+def _time(fn, repeats: int = 5) -> float:
+    fn()  # warm-up: first calls pay for allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure_path(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, run) -> Path:
+    """Time both exact paths on this very input (forward, plus backward when training) and keep the faster."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    training = torch.is_grad_enabled() and a.requires_grad
+    a_, b_ = a.detach().requires_grad_(training), b.detach().requires_grad_(training)
+    x_ = x.detach()
+
+    def step(path: Path):
+        def go() -> None:
+            y = run(x_, a_, b_, path)
+            if training:
+                torch.autograd.grad(y.sum(), (a_, b_))
+            sync()
+
+        return go
+
+    with torch.set_grad_enabled(training):
+        times = {path: _time(step(path)) for path in PATHS}
+    return min(times, key=times.get)
+
+
+class _KroneckerBase(nn.Module):
+    """Factors ``a [R, *a_shape]``, ``b [R, *b_shape]``, optional bias, and the execution path."""
+
+    spec: KroneckerSpec
+
+    def _init_factors(self, spec: KroneckerSpec, bias: bool, path: LayerPath, device, dtype) -> None:
+        _check_path(path)
+        self.spec = spec
+        self.path: LayerPath = path
+        self.a = nn.Parameter(torch.empty(spec.rank, *spec.a_shape, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.empty(spec.rank, *spec.b_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(spec.weight_shape[0], device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Match the dense layer's kaiming-uniform weight variance: Var(W) = Var(a) Var(b) R.
+        fan_in = math.prod(self.spec.weight_shape[1:])
+        std = (1.0 / (3 * fan_in)) ** 0.5  # Var of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        factor_std = (std / self.spec.rank**0.5) ** 0.5
+        nn.init.normal_(self.a, std=factor_std)
+        nn.init.normal_(self.b, std=factor_std)
+        if self.bias is not None:
+            bound = 1 / fan_in**0.5
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _load_factors(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        a, b = decompose(weight, self.spec)
+        with torch.no_grad():
+            self.a.copy_(a)
+            self.b.copy_(b)
+            if bias is not None:
+                self.bias.copy_(bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight the factors stand for (rebuilt on each access)."""
+        return reconstruct(self.a, self.b)
+
+    def _choose(self, x: torch.Tensor, key: tuple, run) -> Path:
+        if self.path != "auto":
+            return self.path
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return "factorized"  # exported graphs carry the computation whose cost we report
+        full_key = (x.device, x.dtype, self.spec, key, x.shape[0], x.is_contiguous(memory_format=torch.channels_last),
+                    torch.is_grad_enabled() and self.a.requires_grad)
+        if full_key not in _AUTO_CHOICE:
+            _AUTO_CHOICE[full_key] = _measure_path(x, self.a, self.b, run)
+        return _AUTO_CHOICE[full_key]
+
+
+class KroneckerConv2d(_KroneckerBase):
+    """Conv2d whose weight is ``sum_r a[r] ⊗ b[r]``; exact for any factorization, stride, padding and dilation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        a_shape: tuple[int, int, int, int],
+        rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        path: LayerPath = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if groups != 1:
+            raise NotImplementedError(f"KroneckerConv2d does not support groups > 1 (got groups={groups})")
+        if padding_mode != "zeros":
+            raise NotImplementedError(f"KroneckerConv2d supports only padding_mode='zeros' (got {padding_mode!r})")
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.groups, self.padding_mode = 1, "zeros"
+        if isinstance(padding, str) and padding == "same" and self.stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
+        self.pads = conv_pads(self.padding, self.kernel_size, self.dilation)
+        spec = KroneckerSpec((out_channels, in_channels, *self.kernel_size), a_shape, rank)
+        self._init_factors(spec, bias, path, device, dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, spec: KroneckerSpec, *, path: LayerPath = "auto") -> KroneckerConv2d:
+        """Replace ``conv`` by its best rank-R Kronecker approximation (factors by SVD, bias copied)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects nn.Conv2d, got {type(conv).__name__}")
+        if tuple(conv.weight.shape) != spec.weight_shape:
+            raise ValueError(f"spec weight_shape {spec.weight_shape} does not match conv weight {tuple(conv.weight.shape)}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, a_shape=spec.a_shape, rank=spec.rank,
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode, path=path,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        layer._load_factors(conv.weight, conv.bias)
+        return layer
+
+    def geometry(self, in_hw: tuple[int, int]) -> ConvGeometry:
+        return ConvGeometry(in_hw, self.stride, self.dilation, self.pads)
+
+    def _run(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, path: Path) -> torch.Tensor:
+        return kronecker_conv2d(x, a, b, self.bias, stride=self.stride, dilation=self.dilation, pads=self.pads, path=path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self._choose(x, tuple(x.shape[-2:]), self._run)
+        return self._run(x, self.a, self.b, path)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An nn.Conv2d with the reconstructed weight (and the same bias)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
+                         device=self.a.device, dtype=self.a.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        return s + f", kron={self.spec}, bias={self.bias is not None}, path={self.path}"
+
+
+class KroneckerLinear(_KroneckerBase):
+    """Linear whose weight ``[F, C]`` is ``sum_r a[r] ⊗ b[r]`` with ``a [R, F1, C1]``, ``b [R, F2, C2]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        a_shape: tuple[int, int],
+        rank: int,
+        bias: bool = True,
+        path: LayerPath = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        spec = KroneckerSpec((out_features, in_features), a_shape, rank)
+        self._init_factors(spec, bias, path, device, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: KroneckerSpec, *, path: LayerPath = "auto") -> KroneckerLinear:
+        """Replace ``linear`` by its best rank-R Kronecker approximation (factors by SVD, bias copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
+        if tuple(linear.weight.shape) != spec.weight_shape:
+            raise ValueError(
+                f"spec weight_shape {spec.weight_shape} does not match linear weight {tuple(linear.weight.shape)}"
+            )
+        layer = cls(linear.in_features, linear.out_features, a_shape=spec.a_shape, rank=spec.rank,
+                    bias=linear.bias is not None, path=path, device=linear.weight.device, dtype=linear.weight.dtype)
+        layer._load_factors(linear.weight, linear.bias)
+        return layer
+
+    def geometry(self, rows: int = 1) -> ConvGeometry:
+        return ConvGeometry((rows, 1))
+
+    def _run(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, path: Path) -> torch.Tensor:
+        return kronecker_linear(x, a, b, self.bias, path=path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self._choose(x, tuple(x.shape[1:-1]), self._run)
+        return self._run(x, self.a, self.b, path)
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear with the reconstructed weight (and the same bias)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.a.device, dtype=self.a.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kron={self.spec}, "
+                f"bias={self.bias is not None}, path={self.path}")
+
+
+def set_path(model: nn.Module, path: LayerPath) -> None:
+    """Set the execution path of every Kronecker layer in ``model``."""
+    _check_path(path)
+    for module in model.modules():
+        if isinstance(module, _KroneckerBase):
+            module.path = path
+
+
+@contextlib.contextmanager
+def use_path(model: nn.Module, path: LayerPath) -> Iterator[None]:
+    """Temporarily run every Kronecker layer of ``model`` on ``path`` (e.g. "factorized" to count its cost)."""
+    _check_path(path)
+    layers = [m for m in model.modules() if isinstance(m, _KroneckerBase)]
+    saved = [m.path for m in layers]
+    try:
+        for m in layers:
+            m.path = path
+        yield
+    finally:
+        for m, p in zip(layers, saved):
+            m.path = p
