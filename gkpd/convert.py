@@ -158,10 +158,10 @@ def plan_from_dict(doc: Any, *, source: str = "plan") -> Plan:
         if not isinstance(entry, dict) or not {"weight_shape", "a_shape", "rank"} <= entry.keys():
             raise ValueError(f"{source}: layer {name!r} needs 'weight_shape', 'a_shape' and 'rank'")
         try:
-            spec = KroneckerSpec(tuple(entry["weight_shape"]), tuple(entry["a_shape"]), entry["rank"])
+            spec = KroneckerSpec(entry["weight_shape"], entry["a_shape"], entry["rank"])
         except (ValueError, TypeError) as err:
             raise ValueError(f"{source}: layer {name!r}: {err}") from None
-        if "b_shape" in entry and tuple(entry["b_shape"]) != spec.b_shape:
+        if "b_shape" in entry and entry["b_shape"] != list(spec.b_shape):
             raise ValueError(f"{source}: layer {name!r}: b_shape {entry['b_shape']} should be {list(spec.b_shape)}")
         plan[name] = spec
     return plan
@@ -176,6 +176,7 @@ def save_plan(plan: Mapping[str, KroneckerSpec], path: str | os.PathLike, *, met
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; a plan is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

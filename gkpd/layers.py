@@ -185,7 +185,8 @@ class KroneckerConv2d(_KroneckerBase):
         return kronecker_conv2d(x, a, b, self.bias, stride=self.stride, dilation=self.dilation, pads=self.pads, path=path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = self._choose(x, tuple(x.shape[-2:]), self._run)
+        # The geometry, not just the input size: stride, dilation and pads change what each path costs.
+        path = self._choose(x, (tuple(x.shape[-2:]), self.stride, self.dilation, self.pads), self._run)
         return self._run(x, self.a, self.b, path)
 
     def to_dense(self) -> nn.Conv2d:

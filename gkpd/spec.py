@@ -20,8 +20,11 @@ ORDERS: tuple[Order, ...] = ("ba", "ab")  # "ba": B first, then A (the design's 
 def _shape(value: object, what: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in value)  # type: ignore[union-attr]
-    except TypeError:
-        raise ValueError(f"{what} must be a sequence of ints, got {value!r}") from None
+        exact = shape == tuple(value)  # type: ignore[arg-type]  # rejects 2.5 and "8", which int() would take
+    except (TypeError, ValueError):
+        exact = False
+    if not exact:
+        raise ValueError(f"{what} must be a sequence of ints, got {value!r}")
     if any(v < 1 for v in shape):
         raise ValueError(f"{what} must have positive sizes, got {shape}")
     return shape
@@ -94,7 +97,11 @@ class KroneckerSpec:
         object.__setattr__(self, "weight_shape", weight_shape)
         object.__setattr__(self, "a_shape", a_shape)
         object.__setattr__(self, "b_shape", tuple(w // a for w, a in zip(weight_shape, a_shape)))
-        if isinstance(self.rank, bool) or int(self.rank) != self.rank:
+        try:
+            integral = not isinstance(self.rank, bool) and int(self.rank) == self.rank
+        except (TypeError, ValueError):  # None, "three", ...
+            integral = False
+        if not integral:
             raise ValueError(f"rank must be an int, got {self.rank!r}")
         object.__setattr__(self, "rank", int(self.rank))
         if not 1 <= self.rank <= self.max_rank:

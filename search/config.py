@@ -1,0 +1,129 @@
+"""What one search is: the run's settings, validated once, and the identity a resumed study must keep."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SearchConfig", "SAMPLERS", "BACKENDS", "default_study_name"]
+
+SAMPLERS = ("tpe", "nsga2", "random")
+BACKENDS = ("optuna", "ray")
+
+
+def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None) -> str:
+    parts = [model.replace(":", "-").replace(".", "-"), dataset]
+    if budget_mflops is not None:
+        parts.append(f"{budget_mflops:g}mflops")
+    if budget_mparams is not None:
+        parts.append(f"{budget_mparams:g}mparams")
+    return "-".join(parts)
+
+
+def _positive(name: str, value: float | None, *, allow_none: bool = True, integer: bool = False) -> None:
+    if value is None:
+        if not allow_none:
+            raise ValueError(f"--{name} is required")
+        return
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--{name} must be a positive {'integer' if integer else 'number'}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """All settings of a search run (the command line, as one value)."""
+
+    budget_mflops: float | None = None
+    budget_mparams: float | None = None
+    model: str = "resnet18"
+    dataset: str = "fashion-mnist"
+    teacher: Path | None = None
+    data_dir: Path | None = None
+    trials: int = 10
+    timeout: float | None = None
+    finetune_steps: int = 120
+    teacher_steps: int = 400
+    max_train_images: int | None = None
+    max_eval_images: int | None = 2000
+    val_images: int = 5000
+    batch_size: int = 64
+    sampler: str = "tpe"
+    study_name: str = ""
+    storage: str | None = None
+    out: Path = Path()
+    device: str = "auto"
+    seed: int = 0
+    preset: str = "default"
+    skip: tuple[str, ...] = ()
+    prune_margin: float = 0.10
+    cache_dir: Path | None = None
+    workers: int = 1
+    backend: str = "optuna"
+    ray_address: str | None = None
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.budget_mflops is None and self.budget_mparams is None:
+            raise ValueError("give a budget: --budget-mflops X (millions of MACs) and/or --budget-mparams Y")
+        _positive("budget-mflops", self.budget_mflops)
+        _positive("budget-mparams", self.budget_mparams)
+        for name in ("trials", "finetune_steps", "teacher_steps", "batch_size", "val_images", "workers"):
+            value = getattr(self, name)
+            if name in ("finetune_steps",) and value == 0:
+                continue  # 0 fine-tune steps: evaluate right after decomposition
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("max_train_images", "max_eval_images", "timeout"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown --sampler {self.sampler!r}: allowed {', '.join(SAMPLERS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown --backend {self.backend!r}: allowed {', '.join(BACKENDS)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"unknown --device {self.device!r}: allowed auto, cpu, cuda (or cuda:N)")
+        if not 0 <= self.prune_margin <= 1:
+            raise ValueError(f"--prune-margin must be in [0, 1], got {self.prune_margin:g}")
+        if not self.study_name:
+            object.__setattr__(
+                self, "study_name",
+                default_study_name(self.model, self.dataset, self.budget_mflops, self.budget_mparams),
+            )
+        if self.out == Path():
+            object.__setattr__(self, "out", Path("runs") / self.study_name)
+
+    @property
+    def objective(self) -> str:
+        """The cost the study minimizes: "mflops" unless only a parameter budget is given."""
+        return "mflops" if self.budget_mflops is not None else "mparams"
+
+    @property
+    def budget(self) -> dict[str, float]:
+        """The budgets as keyword arguments for ``spaces`` (``mflops=``, ``mparams=``)."""
+        out = {}
+        if self.budget_mflops is not None:
+            out["mflops"] = self.budget_mflops
+        if self.budget_mparams is not None:
+            out["mparams"] = self.budget_mparams
+        return out
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed study must share with the run that created it."""
+        return {
+            "model": self.model, "dataset": self.dataset, "budget_mflops": self.budget_mflops,
+            "budget_mparams": self.budget_mparams, "preset": self.preset, "skip": list(self.skip),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        for key, value in doc.items():
+            if isinstance(value, Path):
+                doc[key] = str(value)
+        doc["skip"] = list(self.skip)
+        return doc

@@ -1,0 +1,222 @@
+"""Datasets, preloaded once as normalized float32 tensors so the input pipeline is never the bottleneck."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+__all__ = ["DATASETS", "DatasetInfo", "DataSplits", "load_data", "split_indices", "default_data_dir"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What we need to know about a dataset: its torchvision class, shape, statistics and augmentation."""
+
+    torchvision_class: str  # attribute of torchvision.datasets
+    num_classes: int | None  # None: from the folder tree
+    input_shape: tuple[int, int, int] | None  # (C, H, W); None: (3, image_size, image_size)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # a mirrored image is still the same class
+    crop_pad: int  # random-crop padding, in pixels, for training augmentation
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("FashionMNIST", 10, (1, 28, 28), (0.2860,), (0.3530,), hflip=True, crop_pad=2),
+    "mnist": DatasetInfo("MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), hflip=False, crop_pad=2),
+    "cifar10": DatasetInfo(
+        "CIFAR10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True, crop_pad=4
+    ),
+    "cifar100": DatasetInfo(
+        "CIFAR100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True, crop_pad=4
+    ),
+    "imagefolder": DatasetInfo(
+        "ImageFolder", None, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), hflip=True, crop_pad=8
+    ),
+}
+
+# Debian's `dataset-fashion-mnist` ships the real idx .gz files here; a module constant so tests can move it.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True, eq=False)
+class DataSplits:
+    """Train / validation (held out from train) / test tensors: x [N, C, H, W] float32, y [N] int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    name: str
+
+
+def default_data_dir() -> Path:
+    """$GKPD_DATA_DIR, else ~/.cache/gkpd-search/data."""
+    env = os.environ.get("GKPD_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gkpd-search" / "data"
+
+
+def split_indices(n: int, *, val_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint (train, val) indices into n training images, from one seeded permutation."""
+    if not 0 <= val_images < n:
+        raise ValueError(f"val_images must be in [0, {n}) for {n} training images, got {val_images}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_images:], perm[:val_images]
+
+
+def _install_debian_fashion_mnist(raw: Path) -> bool:
+    """Decompress Debian's Fashion-MNIST .gz files into `raw`; False when the package is absent."""
+    sources = [DEBIAN_FASHION_MNIST / f"{name}.gz" for name in _MNIST_FILES]
+    if not all(src.is_file() for src in sources):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for src, name in zip(sources, _MNIST_FILES):
+        if (raw / name).is_file():
+            continue
+        # Write a temp file and rename it, so an interrupted run never leaves a truncated file behind.
+        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, length=1 << 20)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the data is not
+            os.replace(tmp, raw / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return True
+
+
+def _missing(name: str, path: Path, exc: BaseException | None) -> FileNotFoundError:
+    """One line: what is missing, where we looked, why, and how to get it."""
+    hint = "pass --data-dir pointing at a directory that holds it"
+    if name == "fashion-mnist":
+        hint = f"run `apt-get install dataset-fashion-mnist` (files in {DEBIAN_FASHION_MNIST}) or {hint}"
+    elif name == "imagefolder":
+        hint = "pass --data-dir holding train/<class>/*.jpg and val/<class>/*.jpg"
+    else:
+        hint = f"allow the download or {hint}"
+    text = " ".join(str(exc).split()) if exc is not None else ""  # torchvision's messages span lines
+    reason = f" ({text[:200]})" if text else ""
+    return FileNotFoundError(f"{name} not found under {path}{reason}: {hint}")
+
+
+def _as_uint8_nchw(data: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """torchvision's raw arrays ([N, H, W] or [N, H, W, C], uint8) as [N, C, H, W] uint8."""
+    x = torch.as_tensor(data)
+    return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+
+
+def _load_torchvision(name: str, root: Path, *, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Official (train_x, train_y, test_x, test_y) as uint8 [N, C, H, W] and int64 [N]."""
+    cls = getattr(torchvision.datasets, DATASETS[name].torchvision_class)
+    where = root / getattr(cls, "base_folder", cls.__name__)  # CIFAR: cifar-10-batches-py; MNIST: MNIST/raw
+    raw = root / cls.__name__ / "raw"  # torchvision's layout: <root>/FashionMNIST/raw/*-ubyte
+    if name == "fashion-mnist" and not all((raw / f).is_file() for f in _MNIST_FILES):
+        try:  # the local Debian package beats the network
+            _install_debian_fashion_mnist(raw)
+        except OSError as exc:
+            raise _missing(name, where, exc) from exc
+    try:
+        # `.data` / `.targets` are the whole split as arrays: no per-item __getitem__, seconds not minutes.
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError, ValueError) as exc:  # torchvision: "Dataset not found", URLError, bad md5
+        raise _missing(name, where, exc) from exc
+    y = [torch.as_tensor(ds.targets, dtype=torch.int64) for ds in (train, test)]
+    return _as_uint8_nchw(train.data), y[0], _as_uint8_nchw(test.data), y[1]
+
+
+def _image_folder(root: Path, split: str) -> torchvision.datasets.ImageFolder:
+    """The ImageFolder tree root/split, or a one-line FileNotFoundError."""
+    try:
+        return torchvision.datasets.ImageFolder(str(root / split))
+    except (FileNotFoundError, NotADirectoryError) as exc:  # missing tree, or no class folders / images in it
+        raise _missing("imagefolder", root / split, exc) from exc
+
+
+def _decode(ds: torchvision.datasets.ImageFolder, indices: torch.Tensor, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images `indices` of `ds`, resized and center-cropped to image_size: uint8 [N, 3, S, S], int64 [N]."""
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
+    x = torch.empty(len(indices), 3, image_size, image_size, dtype=torch.uint8)
+    y = torch.empty(len(indices), dtype=torch.int64)
+    for row, i in enumerate(indices.tolist()):
+        path, label = ds.samples[i]
+        x[row] = transform(ds.loader(path).convert("RGB"))
+        y[row] = label
+    return x, y
+
+
+def _normalize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32, scaled to [0, 1] then standardized per channel."""
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return ((x.float() / 255.0) - mean) / std
+
+
+def load_data(
+    name: str,
+    *,
+    data_dir: str | Path | None,
+    val_images: int = 5000,
+    seed: int = 0,
+    max_train_images: int | None = None,
+    max_eval_images: int | None = None,
+    download: bool = True,
+    image_size: int = 64,
+) -> DataSplits:
+    """Load a dataset as tensors; val is held out from train by a seeded permutation, test is the official one.
+
+    `max_train_images` caps train; `max_eval_images` caps val and test (first N after a fixed shuffle).
+    `image_size` only applies to "imagefolder" (`data_dir/train`, `data_dir/val`), which is resized to
+    image_size and center-cropped so that it can be preloaded.
+    """
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    for option, value in (("max_train_images", max_train_images), ("max_eval_images", max_eval_images)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
+    info = DATASETS[name]
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    gen = torch.Generator().manual_seed(seed)
+
+    if name == "imagefolder":
+        # Decode only the images we keep: a full ImageNet tree would not fit in memory as floats.
+        train_ds, test_ds = _image_folder(root, "train"), _image_folder(root, "val")
+        train_idx, val_idx = split_indices(len(train_ds), val_images=val_images, seed=seed)
+        test_idx = torch.randperm(len(test_ds), generator=gen)[:max_eval_images]
+        train_x, train_y = _decode(train_ds, train_idx[:max_train_images], image_size=image_size)
+        val_x, val_y = _decode(train_ds, val_idx[:max_eval_images], image_size=image_size)
+        test_x, test_y = _decode(test_ds, test_idx, image_size=image_size)
+        num_classes, input_shape = len(train_ds.classes), (3, image_size, image_size)
+    else:
+        all_x, all_y, test_x, test_y = _load_torchvision(name, root, download=download)
+        train_idx, val_idx = split_indices(len(all_x), val_images=val_images, seed=seed)
+        train_idx, val_idx = train_idx[:max_train_images], val_idx[:max_eval_images]
+        train_x, train_y, val_x, val_y = all_x[train_idx], all_y[train_idx], all_x[val_idx], all_y[val_idx]
+        if max_eval_images is not None and max_eval_images < len(test_x):
+            keep = torch.randperm(len(test_x), generator=gen)[:max_eval_images]
+            test_x, test_y = test_x[keep], test_y[keep]
+        assert info.num_classes is not None and info.input_shape is not None
+        num_classes, input_shape = info.num_classes, info.input_shape
+
+    return DataSplits(
+        train_x=_normalize(train_x, info), train_y=train_y,
+        val_x=_normalize(val_x, info), val_y=val_y,
+        test_x=_normalize(test_x, info), test_y=test_y,
+        num_classes=num_classes, input_shape=input_shape, name=name,
+    )

@@ -1,0 +1,205 @@
+"""Model registry (timm-style): CIFAR ResNets, torchvision models by name, user factories; checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+__all__ = ["MODELS", "create_model", "load_checkpoint", "CifarResNet"]
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual; a 1x1 conv + BN projection where the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, *, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        # Option B of He et al.: a real conv, not zero-padding, so every layer is a plain decomposable conv.
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for small images (He et al. 2016, sec. 4.2): 16/32/64 channels, 3 stages."""
+
+    def __init__(self, depth: int, *, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._stage(16, 16, n, stride=1)
+        self.layer2 = self._stage(16, 32, n, stride=2)
+        self.layer3 = self._stage(32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, blocks: int, *, stride: int) -> nn.Sequential:
+        layers = [BasicBlock(in_planes, planes, stride=stride)]
+        layers += [BasicBlock(planes, planes, stride=1) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet20(in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-20 for 32x32-ish inputs."""
+    return CifarResNet(20, in_channels=in_channels, num_classes=num_classes)
+
+
+def resnet32(in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-32 for 32x32-ish inputs."""
+    return CifarResNet(32, in_channels=in_channels, num_classes=num_classes)
+
+
+def resnet56(in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-56 for 32x32-ish inputs."""
+    return CifarResNet(56, in_channels=in_channels, num_classes=num_classes)
+
+
+def resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision ResNet-18 with the CIFAR stem: 3x3 stride-1 conv1 and no max-pool."""
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+}
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(
+        f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}; "
+        "also accepted: any torchvision.models name or 'pkg.module:factory'"
+    )
+
+
+def _set_first_conv_in_channels(model: nn.Module, in_channels: int) -> None:
+    """Replace the first nn.Conv2d by a fresh one reading `in_channels` channels."""
+    for name, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            if conv.in_channels == in_channels:
+                return
+            if conv.groups != 1:
+                raise NotImplementedError(f"first conv {name!r} has groups={conv.groups}; cannot change its input channels")
+            new = nn.Conv2d(
+                in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            )
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, new)
+            return
+    raise NotImplementedError(f"{type(model).__name__} has no nn.Conv2d whose input channels could be set to {in_channels}")
+
+
+def _from_factory(spec: str, *, in_channels: int, num_classes: int) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load model factory {spec!r}: {type(exc).__name__}: {exc}") from exc
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and some C types have no signature
+        params = {}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_kwargs or {"in_channels", "num_classes"} <= params.keys():
+        model = factory(in_channels=in_channels, num_classes=num_classes)
+    else:  # a factory that knows its own shapes
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def create_model(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
+    """Build a model by registry name, torchvision name, or 'pkg.module:factory'."""
+    if name in MODELS:
+        return MODELS[name](in_channels, num_classes)
+    if ":" in name:
+        return _from_factory(name, in_channels=in_channels, num_classes=num_classes)
+    if name in torchvision.models.list_models(module=torchvision.models):
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        _set_first_conv_in_channels(model, in_channels)
+        return model
+    raise _unknown(name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a state_dict (plain, or under "state_dict"/"model") into `model`, strictly."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for corrupt or unsafe files
+        raise ValueError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"cannot read checkpoint {path}: not a state_dict (a mapping of names to tensors)")
+    state = dict(obj)
+    expected = model.state_dict()
+    # Checkpoints saved from nn.DataParallel / DistributedDataParallel prefix every key with "module.".
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listed(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_listed(mismatched)}")
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,150 @@
+"""What the user reads: trials.csv, pareto.csv, pareto.png and report.md, all re-derived from the study."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from search.files import atomic_text, atomic_write
+from search.pareto import pareto_front
+from search.progress import duration
+
+__all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table"]
+
+UNIT_NOTE = ("MFLOPs are millions of multiply-accumulates (MACs), as fvcore counts them; "
+             "torch's FlopCounterMode counts 2 FLOPs per MAC (column gflops_torch).")
+
+
+def trials_frame(study: optuna.Study, *, baseline: dict[str, float]) -> pd.DataFrame:
+    """One row per trial: state, seed, accuracies, cost, compression and how long it took."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        mflops, mparams = attrs.get("mflops"), attrs.get("mparams")
+        rows.append({
+            "trial": t.number,
+            "state": t.state.name,
+            "seed": attrs.get("seed", ""),
+            "val_accuracy": t.values[0] if t.values else None,
+            "test_accuracy": attrs.get("test_accuracy"),
+            "screen_accuracy": attrs.get("screen_accuracy"),
+            "mflops": mflops,
+            "gflops_torch": 2 * mflops / 1e3 if mflops is not None else None,
+            "mparams": mparams,
+            "flops_ratio": baseline["mflops"] / mflops if mflops else None,
+            "params_ratio": baseline["mparams"] / mparams if mparams else None,
+            "feasible": all(c <= 0 for c in t.constraints.values()) if t.state == TrialState.COMPLETE else None,
+            "layers_decomposed": len(attrs.get("plan", {})),
+            "seconds": round(attrs["seconds"], 1) if "seconds" in attrs else None,
+            "note": attrs.get("stopped") or attrs.get("fail_reason") or "",
+        })
+    return pd.DataFrame(rows)
+
+
+def pareto_frame(trials: pd.DataFrame, *, objective: str) -> pd.DataFrame:
+    """The feasible completed trials on the frontier of validation accuracy versus ``objective`` cost."""
+    done = trials[(trials.state == "COMPLETE") & (trials.feasible == True)].reset_index(drop=True)  # noqa: E712
+    front = pareto_front(list(zip(done.val_accuracy, done[objective])))
+    return done.iloc[front].reset_index(drop=True)
+
+
+def best_row(pareto: pd.DataFrame) -> pd.Series | None:
+    """The frontier point with the best validation accuracy (the test split never chooses)."""
+    if pareto.empty:
+        return None
+    return pareto.sort_values(["val_accuracy", "mflops"], ascending=[False, True]).iloc[0]
+
+
+def format_table(frame: pd.DataFrame, columns: Sequence[str]) -> str:
+    """A plain-text table for the terminal and report.md (Markdown pipe syntax)."""
+    def cell(value: Any, column: str) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return ""
+        if "accuracy" in column:
+            return f"{100 * value:.2f}%"
+        if isinstance(value, float):
+            return f"{value:.3f}" if column in ("mparams", "gflops_torch") else f"{value:.2f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(cell(row[c], c) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _plot(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, budget: float | None, objective: str,
+          teacher: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unit = "MFLOPs (fvcore MACs, millions)" if objective == "mflops" else "Mparams"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = trials[trials.state == "COMPLETE"]
+    ax.scatter(done[objective], 100 * done.val_accuracy, s=22, c="0.6", label="trials")
+    ax.step(pareto[objective], 100 * pareto.val_accuracy, where="post", c="C0", lw=1.5)
+    ax.scatter(pareto[objective], 100 * pareto.val_accuracy, s=36, c="C0", label="Pareto frontier", zorder=3)
+    uniform = done[done.seed == "uniform"]
+    if not uniform.empty:
+        ax.scatter(uniform[objective], 100 * uniform.val_accuracy, marker="s", s=60, facecolors="none",
+                   edgecolors="C3", lw=1.5, label="uniform seed (paper-style)", zorder=4)
+    if "val_accuracy" in teacher:
+        ax.scatter([teacher[objective]], [100 * teacher["val_accuracy"]], marker="*", s=120, c="C2",
+                   label="teacher (dense)", zorder=4)
+    if budget is not None:
+        ax.axvline(budget, ls="--", c="C1", label=f"budget {budget:g}")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_report(study: optuna.Study, out: Path, *, objective: str, budget: float | None,
+                 teacher: dict[str, float], run: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write trials.csv, pareto.csv, pareto.png and report.md into ``out``; return (trials, pareto)."""
+    out.mkdir(parents=True, exist_ok=True)
+    trials = trials_frame(study, baseline=teacher)
+    pareto = pareto_frame(trials, objective=objective) if not trials.empty else trials
+    atomic_write(out / "trials.csv", lambda tmp: trials.to_csv(tmp, index=False))
+    atomic_write(out / "pareto.csv", lambda tmp: pareto.to_csv(tmp, index=False))
+    if not trials.empty:
+        _plot(trials, pareto, out / "pareto.png", budget=budget, objective=objective, teacher=teacher)
+    best = best_row(pareto)
+    columns = ["trial", "seed", "val_accuracy", "test_accuracy", "mflops", "gflops_torch", "mparams",
+               "flops_ratio", "params_ratio"]
+    counts = trials.state.value_counts().to_dict() if not trials.empty else {}
+    lines = [
+        f"# gkpd-search: {run['study_name']}",
+        "",
+        f"Model `{run['model']}` on `{run['dataset']}`; budget {budget:g} {objective}." if budget is not None else "",
+        f"Teacher (dense): val {100 * teacher.get('val_accuracy', float('nan')):.2f}%, "
+        f"test {100 * teacher.get('test_accuracy', float('nan')):.2f}%, {teacher['mflops']:.2f} MFLOPs, "
+        f"{teacher['mparams']:.3f} Mparams.",
+        f"Trials: {', '.join(f'{n} {s.lower()}' for s, n in counts.items()) or 'none yet'}.",
+        "",
+        UNIT_NOTE,
+        "Validation accuracy (held out from the training images) chooses; test accuracy is only reported.",
+        "",
+        "## Pareto frontier",
+        "",
+        format_table(pareto, columns) if not pareto.empty else "No completed in-budget trial yet.",
+        "",
+    ]
+    if best is not None:
+        lines += ["## Best in-budget plan", "",
+                  f"Trial {int(best.trial)}: val {100 * best.val_accuracy:.2f}%, test {100 * best.test_accuracy:.2f}%, "
+                  f"{best.mflops:.2f} MFLOPs ({best.flops_ratio:.2f}x fewer), {best.mparams:.3f} Mparams "
+                  f"({best.params_ratio:.2f}x fewer). Export: `python search.py export --out {out}`.", ""]
+    if "elapsed" in run:
+        lines += [f"Wall time of the last run: {duration(run['elapsed'])}.", ""]
+    atomic_text(out / "report.md", "\n".join(lines))
+    return trials, pareto

@@ -1,0 +1,175 @@
+"""The Optuna side: storage, sampler, the study's identity, warm-start seeds, and the objective."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+import gkpd
+from search.config import SearchConfig
+from search.progress import log
+from search.trial import Hopeless, Rival, TrialContext, run_trial
+from spaces import SearchSpace
+
+__all__ = [
+    "open_storage", "make_sampler", "existing_identity", "open_study", "seed_plans", "make_objective",
+    "finished_count", "rivals_of", "trial_plan", "SEED_LADDER", "CATCH",
+]
+
+# Seeds: the knapsack allocation at the budget and at smaller budgets (they draw the frontier's lower end),
+# and the paper's uniform rule at the budget (the baseline the frontier must beat).
+SEED_LADDER = (1.0, 0.8, 0.6)
+# Trials that fail for these reasons are recorded as failed, with the reason, and the study goes on.
+CATCH = (FloatingPointError, torch.OutOfMemoryError)
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 120
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage with heartbeats, so a killed worker's trial is failed instead of RUNNING forever."""
+    if url.startswith("journal:"):
+        path = url.removeprefix("journal:")
+        backend = optuna.storages.journal.JournalFileBackend(path)
+        return optuna.storages.JournalStorage(backend)
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            # A trial whose worker died is failed after the grace period and re-queued once.
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    except Exception as err:  # sqlalchemy raises many types here: bad scheme, no driver, refused connection
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot open storage {url!r}: {reason}") from None
+
+
+def make_sampler(config: SearchConfig, *, startup_trials: int) -> optuna.samplers.BaseSampler:
+    seed = config.seed
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, startup_trials))
+    # constant_liar: parallel workers do not all propose the same plan while others are still running.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True,
+                                      constant_liar=True)
+
+
+def existing_identity(storage: optuna.storages.BaseStorage, study_name: str) -> dict[str, Any] | None:
+    """The identity recorded by the run that created ``study_name``, or None if there is no such study."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(study_id).get("identity", {})
+
+
+def check_identity(config: SearchConfig, found: dict[str, Any] | None) -> None:
+    if found is None:
+        return
+    wanted = config.identity()
+    diffs = [f"{key} {found.get(key)!r} (this run: {wanted[key]!r})" for key in wanted if found.get(key) != wanted[key]]
+    if diffs:
+        raise ValueError(f"study {config.study_name!r} was created with {', '.join(diffs)}; "
+                         "use the same settings to resume it, or another --study-name")
+
+
+def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds: Sequence[tuple[str, dict]]) -> optuna.Study:
+    """Create the study (enqueueing the seeds once) or load it to resume; refuse a different identity."""
+    check_identity(config, existing_identity(storage, config.study_name))
+    optuna.logging.set_verbosity(logging.WARNING)
+    sampler = make_sampler(config, startup_trials=len(seeds) + 2)
+    try:
+        study = optuna.create_study(study_name=config.study_name, storage=storage, sampler=sampler,
+                                    directions=["maximize", "minimize"])
+    except optuna.exceptions.DuplicatedStudyError:
+        # Another worker (or an earlier run) created it: resume, never re-seed.
+        study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler)
+        check_identity(config, study.user_attrs.get("identity", {}))
+        return study
+    study.set_metric_names(["val_accuracy", config.objective])
+    study.set_user_attr("identity", config.identity())
+    for tag, params in seeds:
+        study.enqueue_trial(params, user_attrs={"seed": tag})
+    log(f"study {config.study_name!r}: created with {len(seeds)} seed plans ({', '.join(t for t, _ in seeds)})")
+    return study
+
+
+def seed_plans(config: SearchConfig, space: SearchSpace) -> list[tuple[str, gkpd.Plan]]:
+    """Warm starts: ``allocate`` at the budget and below it, and ``uniform`` at the budget."""
+    plans: list[tuple[str, gkpd.Plan]] = []
+    minimum = space.min_cost()
+    for fraction in SEED_LADDER:
+        budget = {key: value * fraction for key, value in config.budget.items()}
+        if any(value < getattr(minimum, key) for key, value in budget.items()):
+            continue
+        plans.append((f"allocate@{fraction:g}", space.allocate(**budget)))
+        if fraction == 1.0:
+            plans.append(("uniform", space.uniform_for_budget(**budget)))
+    unique: list[tuple[str, gkpd.Plan]] = []
+    for tag, plan in plans:
+        if all(plan != other for _, other in unique):
+            unique.append((tag, plan))
+    return unique
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def rivals_of(study: optuna.Study) -> list[Rival]:
+    return [
+        Rival(t.values[1], t.user_attrs["screen_accuracy"], t.values[0])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "screen_accuracy" in t.user_attrs
+    ]
+
+
+def trial_plan(trial: FrozenTrial) -> gkpd.Plan:
+    """The plan a trial evaluated (after repair), as stored in its user attributes."""
+    return gkpd.plan_from_dict({"format": gkpd.PLAN_FORMAT, "version": gkpd.PLAN_VERSION,
+                                "layers": trial.user_attrs["plan"]}, source=f"trial {trial.number}")
+
+
+def make_objective(ctx: TrialContext):
+    """The Optuna objective: (validation accuracy up, MFLOPs or Mparams down), budget as a constraint."""
+    config, space = ctx.config, ctx.space
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        params = {name: trial.suggest_categorical(name, choices) for name, choices in space.choices().items()}
+        proposed = space.plan_from_params(params)
+        plan = space.repair(proposed, **config.budget)  # every trial is in budget by construction
+        cost = space.cost(plan)
+        trial.set_user_attr("plan", gkpd.plan_to_dict(plan)["layers"])
+        trial.set_user_attr("repaired", plan != proposed)
+        for key, budget in config.budget.items():
+            trial.set_constraint(key, getattr(cost, key) - budget)
+        seed_tag = trial.user_attrs.get("seed")
+        label = f"trial {trial.number}" + (f" [{seed_tag}]" if seed_tag else "")
+        checkpoint = config.out / "checkpoints" / f"trial-{trial.number}.pt"
+        try:
+            result = run_trial(ctx, plan, label=label, rivals=lambda: rivals_of(trial.study), checkpoint=checkpoint,
+                               seed=config.seed + trial.number,
+                               on_screen=lambda acc: trial.set_user_attr("screen_accuracy", acc))
+        except Hopeless as stop:
+            trial.set_user_attr("stopped", str(stop))
+            log(f"{label}: stopped early: {stop}")
+            raise optuna.TrialPruned(str(stop)) from None
+        except CATCH as err:
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+            log(f"{label}: failed: {type(err).__name__}: {err}")
+            raise
+        for key, value in {"test_accuracy": result.test_accuracy, "mflops": result.mflops,
+                           "mparams": result.mparams, "finetune_steps": result.finetune_steps,
+                           "seconds": result.seconds, "checkpoint": str(checkpoint)}.items():
+            trial.set_user_attr(key, value)
+        return result.val_accuracy, result.mflops if config.objective == "mflops" else result.mparams
+
+    return objective

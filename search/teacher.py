@@ -1,0 +1,75 @@
+"""The pretrained network every trial compresses: the user's checkpoint, or one trained once and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import filelock
+import torch
+import torch.nn as nn
+
+from search.config import SearchConfig
+from search.data import DataSplits
+from search.files import atomic_save
+from search.models import create_model, load_checkpoint
+from search.progress import log
+from search.train import evaluate, train_teacher
+
+__all__ = ["default_cache_dir", "teacher_cache_path", "get_teacher"]
+
+TEACHER_LR = 0.1
+
+
+def default_cache_dir() -> Path:
+    """Where trained teachers are kept: ``$GKPD_CACHE`` or ``~/.cache/gkpd-search``."""
+    return Path(os.environ.get("GKPD_CACHE", Path.home() / ".cache" / "gkpd-search"))
+
+
+def teacher_cache_path(config: SearchConfig) -> Path:
+    """One file per (model, dataset, training recipe): a changed recipe never reuses a stale teacher."""
+    recipe = {
+        "model": config.model, "dataset": config.dataset, "steps": config.teacher_steps,
+        "batch_size": config.batch_size, "lr": TEACHER_LR, "seed": config.seed,
+        "max_train_images": config.max_train_images, "val_images": config.val_images,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{config.model}-{config.dataset}".replace(":", "-").replace("/", "-")
+    return (config.cache_dir or default_cache_dir() / "teachers") / f"{name}-{digest}.pt"
+
+
+def get_teacher(config: SearchConfig, data: DataSplits, device: torch.device) -> tuple[nn.Module, str]:
+    """The teacher in eval mode, and where it came from. Trains and caches one when ``--teacher`` is absent."""
+    model = create_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    if config.teacher is not None:
+        load_checkpoint(model, config.teacher)
+        return model.to(device).eval(), str(config.teacher)
+    path = teacher_cache_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Workers sharing the cache wait here while the first one trains; the rest load its file.
+    with filelock.FileLock(str(path) + ".lock"):
+        if path.exists():
+            load_checkpoint(model, path)
+            log(f"teacher: loaded cached {path}")
+            return model.to(device).eval(), str(path)
+        log(f"teacher: training {config.model} on {config.dataset} for {config.teacher_steps} steps "
+            f"(batch {config.batch_size}); cached at {path} for later runs")
+        start = time.perf_counter()
+        model = model.to(device)
+
+        def progress(step: int, total: int, loss: float) -> None:
+            if step == total or step % max(1, total // 10) == 0:
+                elapsed = time.perf_counter() - start
+                eta = elapsed / step * (total - step)
+                log(f"  teacher step {step}/{total}  loss {loss:.3f}  {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+
+        train_teacher(model, data, steps=config.teacher_steps, batch_size=config.batch_size, lr=TEACHER_LR,
+                      device=device, seed=config.seed, progress=progress)
+        model.eval()
+        atomic_save(model.state_dict(), path)
+        accuracy = evaluate(model, data.val_x, data.val_y, device=device)
+        log(f"teacher: trained in {time.perf_counter() - start:.0f}s, val accuracy {accuracy:.2%}")
+        return model, str(path)

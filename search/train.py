@@ -1,0 +1,197 @@
+"""Training primitives: evaluate, train a teacher, re-estimate batch-norm statistics, distill a student."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from search.data import DATASETS, DataSplits
+
+__all__ = ["evaluate", "train_teacher", "recalibrate_bn", "distill", "augment_batch"]
+
+Device = torch.device | str
+Progress = Callable[[int, int, float], None]  # (step, steps, loss)
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def augment_batch(x: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after reflect-padding by `pad`, plus random horizontal flip, for a whole batch [N, C, H, W]."""
+    if pad == 0 and not hflip:
+        return x
+    n, c, h, w = x.shape
+    # Offsets are drawn on the CPU generator so a seed gives the same crops on every device.
+    di = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    dj = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    rows = di + torch.arange(h, device=x.device)  # [N, H] rows of the padded image
+    cols = dj + torch.arange(w, device=x.device)  # [N, W]
+    if hflip:
+        flip = (torch.rand(n, 1, generator=generator) < 0.5).to(x.device)
+        cols = torch.where(flip, cols.flip(1), cols)
+    # Reflect, not zeros: zero is the mean after normalization, not the image's background.
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad else x
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return xp[batch, chan, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def _lr_at(step: int, *, steps: int, lr: float, warmup: float) -> float:
+    """Linear warmup over the first `warmup` fraction of steps, then cosine decay to zero."""
+    warm = max(1, round(warmup * steps)) if warmup > 0 else 0
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _batches(n: int, *, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """`steps` index batches; each epoch is a fresh permutation; the tail that does not fill a batch is dropped."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}] for {n} training images, got {batch_size}")
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos:pos + batch_size]
+        pos += batch_size
+
+
+def _channels_last(model: nn.Module) -> None:
+    """Store 4-D parameters channels_last (faster convs); Module.to(memory_format) would reject 5-D factors."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D image batch in channels_last layout; anything else unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _fit(
+    model: nn.Module, data: DataSplits, loss_fn: LossFn, *, steps: int, batch_size: int, lr: float,
+    weight_decay: float, warmup: float, augment: bool, device: Device, seed: int,
+    progress: Progress | None, should_stop: Callable[[int, float], bool] | None,
+) -> dict[str, float | int | bool]:
+    """The loop shared by train_teacher and distill: SGD + Nesterov, warmup + cosine, on-the-fly augmentation."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    generator = torch.Generator().manual_seed(seed)
+    info = DATASETS.get(data.name)
+    pad, hflip = (info.crop_pad, info.hflip) if augment and info is not None else (0, False)
+    x, y = data.train_x.to(device), data.train_y.to(device)
+    model.to(device)
+    _channels_last(model)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    losses: list[float] = []
+    start, done, stopped = time.perf_counter(), 0, False
+    for step, idx in enumerate(_batches(len(x), batch_size=batch_size, steps=steps, generator=generator)):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps=steps, lr=lr, warmup=warmup)
+        xb = augment_batch(x[idx.to(device)], pad=pad, hflip=hflip, generator=generator)
+        loss = loss_fn(model, _nhwc(xb), y[idx.to(device)])
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step + 1}/{steps} (lr {lr:g})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(value)
+        done = step + 1
+        if progress is not None:
+            progress(done, steps, value)
+        if should_stop is not None and should_stop(done, value):
+            stopped = True
+            break
+    model.eval()
+    seconds = time.perf_counter() - start
+    tail = losses[-10:]
+    return {
+        "steps": done,
+        "final_loss": sum(tail) / len(tail) if tail else float("nan"),  # mean of the last 10 steps
+        "stopped_early": stopped,
+        "seconds": seconds,
+        "images_per_s": done * batch_size / seconds if seconds > 0 else 0.0,
+    }
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512, device: Device) -> float:
+    """Top-1 accuracy in [0, 1] of `model` on x [N, C, H, W], y [N], in eval mode."""
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"evaluate needs as many labels as images (> 0), got {len(x)} images and {len(y)} labels")
+    was_training = model.training
+    model.to(device).eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            xb = _nhwc(x[i:i + batch_size].to(device))
+            correct += int((model(xb).argmax(1) == y[i:i + batch_size].to(device)).sum())
+    model.train(was_training)
+    return correct / len(x)
+
+
+def train_teacher(
+    model: nn.Module, data: DataSplits, *, steps: int, batch_size: int, lr: float, device: Device, seed: int,
+    progress: Progress | None = None, label_smoothing: float = 0.1, weight_decay: float = 5e-4,
+    warmup: float = 0.15, augment: bool = True,
+) -> None:
+    """Train `model` from scratch on data.train_* with cross-entropy; leaves it in eval mode."""
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+
+    _fit(
+        model, data, loss_fn, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup=warmup, augment=augment, device=device, seed=seed, progress=progress, should_stop=None,
+    )
+
+
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int, batch_size: int, device: Device) -> None:
+    """Re-estimate every BatchNorm's running mean/var as the plain average over the first `batches` batches of x."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    was_training = model.training
+    model.to(device).eval()  # only the norms train: dropout and the like must behave as at test time
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+        m.train()
+    try:
+        with torch.no_grad():
+            n = min(batches * batch_size, len(x))
+            for i in range(0, n, batch_size):
+                model(_nhwc(x[i:min(i + batch_size, n)].to(device)))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+def distill(
+    student: nn.Module, teacher: nn.Module, data: DataSplits, *, steps: int, batch_size: int, lr: float,
+    temperature: float = 4.0, alpha: float = 0.9, device: Device, seed: int, progress: Progress | None = None,
+    should_stop: Callable[[int, float], bool] | None = None, weight_decay: float = 5e-4, warmup: float = 0.05,
+    augment: bool = True,
+) -> dict[str, float | int | bool]:
+    """Fine-tune `student` with alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE (Hinton et al. 2015)."""
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
+    teacher.to(device).eval()
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x) / temperature, dim=1)
+        logits = model(x)
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True, reduction="batchmean")
+        # T^2 keeps the soft-target gradients on the same scale as the hard-label ones.
+        return alpha * temperature**2 * kd + (1.0 - alpha) * F.cross_entropy(logits, y)
+
+    return _fit(
+        student, data, loss_fn, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup=warmup, augment=augment, device=device, seed=seed, progress=progress, should_stop=should_stop,
+    )

@@ -1,0 +1,146 @@
+"""One trial: decompose the teacher by a plan, re-estimate batch norm, screen, fine-tune with distillation, measure.
+
+Early stopping (Optuna's pruners refuse multi-objective studies, so this is our own rule). A trial is
+hopeless, and stops, when a finished trial that costs no more than it:
+  1. right after decomposition and batch-norm re-estimation, screened more than ``margin`` higher; or
+  2. half-way through fine-tuning, already ended more than ``margin`` above this trial's screening accuracy.
+A plan that loses to a cheaper plan by that much before fine-tuning is not worth a full fine-tune: the
+short fine-tune recovers a few points, not ten.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import gkpd
+from search.config import SearchConfig
+from search.data import DataSplits
+from search.files import atomic_save
+from search.progress import duration, log
+from search.train import distill, evaluate, recalibrate_bn
+from spaces import SearchSpace
+
+__all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "build_student", "FINETUNE_LR"]
+
+FINETUNE_LR = 0.01
+BN_BATCHES = 10
+SCREEN_IMAGES = 1000
+
+
+@dataclass(frozen=True)
+class Rival:
+    """What the stopping rule needs from a finished trial."""
+
+    cost: float
+    screen_accuracy: float
+    val_accuracy: float
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    val_accuracy: float
+    test_accuracy: float
+    screen_accuracy: float
+    mflops: float
+    mparams: float
+    finetune_steps: int
+    seconds: float
+
+
+class Hopeless(Exception):
+    """The stopping rule stopped this trial; ``screen_accuracy`` is what it had reached."""
+
+    def __init__(self, reason: str, screen_accuracy: float) -> None:
+        super().__init__(reason)
+        self.screen_accuracy = screen_accuracy
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a study shares: settings, data, teacher and space (built once per process)."""
+
+    config: SearchConfig
+    data: DataSplits
+    teacher: nn.Module
+    space: SearchSpace
+    device: torch.device
+
+
+def build_student(ctx: TrialContext, plan: gkpd.Plan) -> nn.Module:
+    """The teacher decomposed by ``plan``, with batch-norm statistics re-estimated on training images."""
+    student = gkpd.kroneckerize(ctx.teacher, plan).to(ctx.device)
+    recalibrate_bn(student, ctx.data.train_x, batches=BN_BATCHES, batch_size=ctx.config.batch_size, device=ctx.device)
+    return student
+
+
+def _beaten_by(rivals: Sequence[Rival], cost: float, accuracy: float, margin: float, *, final: bool) -> Rival | None:
+    for rival in rivals:
+        theirs = rival.val_accuracy if final else rival.screen_accuracy
+        if rival.cost <= cost and theirs > accuracy + margin:
+            return rival
+    return None
+
+
+def run_trial(
+    ctx: TrialContext,
+    plan: gkpd.Plan,
+    *,
+    label: str,
+    rivals: Callable[[], Sequence[Rival]] = lambda: (),
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    on_screen: Callable[[float], None] | None = None,
+) -> TrialResult:
+    """Evaluate ``plan``; raises ``Hopeless`` when the stopping rule fires, ``FloatingPointError`` on a NaN loss."""
+    config, data, start = ctx.config, ctx.data, time.perf_counter()
+    expected = ctx.space.cost(plan)
+    student = build_student(ctx, plan)
+    mflops, params = gkpd.count_mflops(student, data.input_shape), gkpd.count_params(student)
+    # The space's instant analytic cost is what keeps plans in budget; it must be what fvcore measures.
+    assert math.isclose(mflops, expected.mflops, rel_tol=1e-12) and params == expected.params, (
+        f"analytic cost {expected} != fvcore {mflops} MFLOPs, {params} params"
+    )
+    cost = mflops if config.objective == "mflops" else params / 1e6
+    screen_x, screen_y = data.val_x[:SCREEN_IMAGES], data.val_y[:SCREEN_IMAGES]
+    screen = evaluate(student, screen_x, screen_y, device=ctx.device)
+    log(f"{label}: {mflops:.1f} MFLOPs, {params / 1e6:.3f} Mparams; after decomposition + BN re-estimation "
+        f"{screen:.2%} (screen, {len(screen_y)} val images)")
+    if on_screen is not None:
+        on_screen(screen)
+    rival = _beaten_by(rivals(), cost, screen, config.prune_margin, final=False)
+    if rival is not None:
+        raise Hopeless(f"screened {screen:.2%}; a finished trial at cost {rival.cost:.4g} <= {cost:.4g} "
+                       f"screened {rival.screen_accuracy:.2%}", screen)
+
+    steps = config.finetune_steps
+    halfway = steps // 2
+
+    def should_stop(step: int, loss: float) -> bool:
+        if step == halfway or step == steps or step % max(1, steps // 4) == 0:
+            log(f"{label}:   fine-tune step {step}/{steps}  KD loss {loss:.3f}  {duration(time.perf_counter() - start)}")
+        if step != halfway:
+            return False
+        accuracy = evaluate(student, screen_x, screen_y, device=ctx.device)
+        beaten = _beaten_by(rivals(), cost, accuracy, config.prune_margin, final=True)
+        if beaten is not None:
+            raise Hopeless(f"half-way through fine-tuning {accuracy:.2%}; a finished trial at cost "
+                           f"{beaten.cost:.4g} <= {cost:.4g} ended at {beaten.val_accuracy:.2%}", screen)
+        return False
+
+    if steps:
+        distill(student, ctx.teacher, data, steps=steps, batch_size=config.batch_size, lr=FINETUNE_LR,
+                device=ctx.device, seed=seed, should_stop=should_stop)
+    val = evaluate(student, data.val_x, data.val_y, device=ctx.device)
+    test = evaluate(student, data.test_x, data.test_y, device=ctx.device)
+    if checkpoint is not None:
+        atomic_save(student.state_dict(), checkpoint)
+    seconds = time.perf_counter() - start
+    log(f"{label}: val {val:.2%}, test {test:.2%} after {steps} fine-tune steps ({duration(seconds)})")
+    return TrialResult(val, test, screen, mflops, params / 1e6, steps, seconds)

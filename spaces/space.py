@@ -1,0 +1,371 @@
+"""The search space of a model: per-layer candidates, exact whole-model cost, feasible plans and warm starts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from gkpd import KroneckerSpec, Plan, compressible_layers, count_macs, count_params
+from spaces import knapsack
+from spaces.candidates import DENSE, Candidate, LayerSpace, SpectrumCache, make_candidate, pareto, thin
+from spaces.presets import PRESETS, UNIFORM_RATIOS, UNIFORM_RULES, a_shapes, rank_grid
+
+__all__ = ["Cost", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES"]
+
+DEFAULT_MAX_CANDIDATES = 32
+_MIXES = 11  # with both budgets: Lagrangian cost mixes tried, from all-MACs to all-params
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Whole-model cost of one forward pass on one sample: exact MACs (fvcore "flops") and parameters."""
+
+    macs: int
+    params: int
+
+    @property
+    def mflops(self) -> float:
+        """Millions of MACs, fvcore's unit (torch's FlopCounterMode reports twice this)."""
+        return self.macs / 1e6
+
+    @property
+    def mparams(self) -> float:
+        return self.params / 1e6
+
+    def __str__(self) -> str:
+        return f"{self.mflops:.2f} MFLOPs (MACs), {self.mparams:.3f} M params"
+
+
+class SearchSpace:
+    """What the search may choose per layer, and what any choice costs; build it with :func:`build_space`.
+
+    ``layers`` maps each searchable layer name (call order) to its :class:`LayerSpace`. Layers that are skipped,
+    not decomposable, or left with only "dense" are not in ``choices()`` and always stay dense.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpace], *, baseline: Cost, input_shape: tuple[int, ...], preset: str,
+                 spectra: SpectrumCache, uniform: Mapping[str, Mapping[str, tuple[Candidate, ...]]],
+                 dense_only: Mapping[str, str]) -> None:
+        self.layers: dict[str, LayerSpace] = {layer.name: layer for layer in layers}
+        self.input_shape = input_shape
+        self.preset = preset
+        self.dense_only = dict(dense_only)  # layer name -> why it is kept dense
+        self._baseline = baseline
+        self._spectra = spectra
+        self._uniform = uniform  # rule -> layer -> candidate at each of UNIFORM_RATIOS (dense where not cheaper)
+
+    def __repr__(self) -> str:
+        sizes = [len(layer.candidates) for layer in self.layers.values()]
+        return (f"SearchSpace({len(self.layers)} layers, {sum(sizes)} candidates, preset={self.preset!r}, "
+                f"input_shape={self.input_shape}, baseline: {self._baseline})")
+
+    # -- encoding ------------------------------------------------------------------------------------------------
+
+    def choices(self) -> dict[str, list[str]]:
+        """Param name (the layer name) -> its fixed choice keys, e.g. ``["dense", "32x16x3x1/r12", ...]``.
+
+        Layers with "dense" as their only choice are left out. For ``trial.suggest_categorical(name, keys)``.
+        """
+        return {name: layer.keys() for name, layer in self.layers.items() if len(layer.candidates) > 1}
+
+    def plan_from_params(self, params: Mapping[str, str]) -> Plan:
+        """The plan a trial's params stand for. Keys that are not layer names (other hyperparameters) are ignored."""
+        plan: Plan = {}
+        for name, keys in self.choices().items():
+            if name not in params:
+                raise ValueError(f"params lack layer {name!r}; expected one choice for each of {len(keys)} layers")
+            candidate = self.layers[name].by_key(str(params[name]))
+            if candidate is None:
+                raise ValueError(f"layer {name!r}: {params[name]!r} is not one of its choices ({_listed(keys)})")
+            if candidate.spec is not None:
+                plan[name] = candidate.spec
+        return plan
+
+    def params_from_plan(self, plan: Mapping[str, KroneckerSpec]) -> dict[str, str]:
+        """The params that rebuild ``plan`` (e.g. for ``study.enqueue_trial``); every spec must be a candidate."""
+        self._check_names(plan)
+        params = {}
+        for name in self.choices():
+            candidate = self.layers[name].by_spec(plan.get(name))
+            if candidate is None:
+                raise ValueError(f"layer {name!r}: {plan[name]} is not a candidate of this space (preset "
+                                 f"{self.preset!r}); repair() or allocate() give plans made of candidates")
+            params[name] = candidate.key
+        for name in plan:
+            if name not in params:
+                raise ValueError(f"layer {name!r} has only the 'dense' choice in this space, but the plan sets {plan[name]}")
+        return params
+
+    # -- cost and error ----------------------------------------------------------------------------------------
+
+    def baseline_cost(self) -> Cost:
+        """The dense model, as fvcore measured it."""
+        return self._baseline
+
+    def cost(self, plan: Mapping[str, KroneckerSpec]) -> Cost:
+        """Whole-model cost of ``kroneckerize(model, plan)``, exactly as ``gkpd.count_macs`` / ``count_params``."""
+        macs, params = self._baseline.macs, self._baseline.params
+        for name, candidate in self._resolve(plan).items():
+            dense = self.layers[name].dense
+            macs += candidate.macs - dense.macs
+            params += candidate.params - dense.params
+        return Cost(macs, params)
+
+    def error(self, plan: Mapping[str, KroneckerSpec], *, weights: Mapping[str, float] | None = None) -> float:
+        """Total weighted approximation error: ``Σ weight[layer] · relative Frobenius error`` (weights default 1)."""
+        w = self._weights(weights)
+        return sum(w[name] * candidate.error for name, candidate in self._resolve(plan).items())
+
+    def min_cost(self) -> Cost:
+        """Least MACs and least params any plan reaches (each minimized on its own: one plan need not reach both)."""
+        macs, params = self._baseline.macs, self._baseline.params
+        for layer in self.layers.values():
+            macs += min(c.macs for c in layer.candidates) - layer.dense.macs
+            params += min(c.params for c in layer.candidates) - layer.dense.params
+        return Cost(macs, params)
+
+    def check_budget(self, *, mflops: float | None = None, mparams: float | None = None) -> None:
+        """``ValueError`` (one line) unless each given budget lies in [minimum reachable, dense baseline)."""
+        if mflops is None and mparams is None:
+            raise ValueError("give a budget: mflops (millions of MACs) and/or mparams (millions of parameters)")
+        low, base = self.min_cost(), self._baseline
+        for what, value, least, dense, unit in (
+            ("mflops", mflops, low.mflops, base.mflops, "MFLOPs (fvcore MACs)"),
+            ("mparams", mparams, low.mparams, base.mparams, "M params"),
+        ):
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{what} budget must be a positive number, got {value!r}")
+            if value < least:
+                raise ValueError(f"{what} budget {value:g} is below the minimum this space reaches: {least:.4f} {unit}")
+            if value >= dense:
+                raise ValueError(f"{what} budget {value:g} is at or above the dense model's cost {dense:.4f} {unit}: "
+                                 "nothing to compress")
+
+    # -- feasible plans ----------------------------------------------------------------------------------------
+
+    def repair(self, plan: Mapping[str, KroneckerSpec], *, mflops: float | None = None,
+               mparams: float | None = None, weights: Mapping[str, float] | None = None) -> Plan:
+        """A plan within budget: greedily move layers to cheaper candidates, least added error per unit of overrun
+        removed first. A plan already within budget comes back unchanged. Specs that are not candidates are
+        accepted (their cost and error are computed); a layer that is moved gets a candidate."""
+        self.check_budget(mflops=mflops, mparams=mparams)
+        current = self._resolve(plan)
+        if self._fits(self.cost(plan), mflops, mparams):
+            return dict(plan)
+        names = list(self.layers)
+        options = [list(self.layers[n].candidates) for n in names]
+        selection = []
+        for n, opts in zip(names, options):
+            chosen = current.get(n, self.layers[n].dense)
+            if chosen not in opts:
+                opts.append(chosen)  # an outside spec stays available: repair may keep it
+            selection.append(opts.index(chosen))
+        problem = self._problem(names, options, mflops, mparams, weights)
+        selection = knapsack.repair(problem, torch.tensor(selection))
+        repaired = self._plan(names, options, selection)
+        for name, spec in plan.items():  # layers outside the space (kept dense here) are not touched
+            if name not in self.layers:
+                repaired[name] = spec
+        return repaired
+
+    def allocate(self, *, mflops: float | None = None, mparams: float | None = None,
+                 weights: Mapping[str, float] | None = None) -> Plan:
+        """The feasible plan of least total weighted error (multiple-choice knapsack).
+
+        Lagrangian relaxation (per layer argmin error + λ·cost, λ bisected to the smallest feasible value), then
+        repair, then the leftover budget is spent greedily. With both budgets, the cost is a mix
+        ``θ·MACs/budget + (1-θ)·params/budget``, solved for 11 values of θ; the least-error result is kept.
+        """
+        self.check_budget(mflops=mflops, mparams=mparams)
+        names = list(self.layers)
+        options = [list(self.layers[n].candidates) for n in names]
+        problem = self._problem(names, options, mflops, mparams, weights)
+        if mflops is not None and mparams is not None:
+            mixes = [torch.tensor([t / (_MIXES - 1), 1 - t / (_MIXES - 1)], dtype=torch.float64) for t in range(_MIXES)]
+        else:
+            mixes = [torch.ones(1, dtype=torch.float64)]
+        return self._plan(names, options, knapsack.solve(problem, mixes))
+
+    # -- uniform (paper-style) plans -----------------------------------------------------------------------------
+
+    @property
+    def uniform_ratios(self) -> tuple[float, ...]:
+        """The rank fractions uniform plans use (descending)."""
+        return UNIFORM_RATIOS
+
+    def uniform(self, ratio: float, *, rule: str = "paper") -> Plan:
+        """Every layer with the same factor-shape ``rule`` and rank ``max(1, round(ratio · max_rank))``.
+
+        ``ratio`` (a fraction of the full Kronecker rank, in (0, 1]) snaps to the nearest of ``uniform_ratios``
+        on a log scale. A layer stays dense where that choice costs at least as much as dense in both MACs and
+        params, or where the rule has no factorization (e.g. a 1-channel 1x1 conv).
+        """
+        table = self._uniform_table(rule)
+        if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"uniform ratio is the fraction of the full rank kept, in (0, 1]; got {ratio!r}")
+        index = min(range(len(UNIFORM_RATIOS)), key=lambda i: abs(math.log(UNIFORM_RATIOS[i] / ratio)))
+        return {name: row[index].spec for name, row in table.items() if row[index].spec is not None}
+
+    def uniform_for_budget(self, *, mflops: float | None = None, mparams: float | None = None,
+                           rule: str = "paper") -> Plan:
+        """The uniform plan with the largest ratio that fits the budgets (all ratios are tried: there are 25)."""
+        self.check_budget(mflops=mflops, mparams=mparams)
+        self._uniform_table(rule)
+        for ratio in UNIFORM_RATIOS:
+            plan = self.uniform(ratio, rule=rule)
+            if self._fits(self.cost(plan), mflops, mparams):
+                return plan
+        raise ValueError(f"no uniform {rule!r} plan fits the budget (mflops={mflops}, mparams={mparams}); "
+                         f"the smallest costs {self.cost(self.uniform(UNIFORM_RATIOS[-1], rule=rule))}")
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _uniform_table(self, rule: str) -> Mapping[str, tuple[Candidate, ...]]:
+        if rule not in self._uniform:
+            raise ValueError(f"unknown uniform rule {rule!r}; known: {', '.join(sorted(self._uniform))}")
+        return self._uniform[rule]
+
+    def _check_names(self, plan: Mapping[str, KroneckerSpec]) -> None:
+        for name in plan:
+            if name not in self.layers:
+                why = self.dense_only.get(name, "it is not a conv/linear layer of the model")
+                raise ValueError(f"plan names layer {name!r}, which this space keeps dense ({why}); "
+                                 f"searchable layers: {_listed(list(self.layers))}")
+
+    def _resolve(self, plan: Mapping[str, KroneckerSpec]) -> dict[str, Candidate]:
+        """Each planned layer's candidate; specs outside the candidate lists get their exact cost and error."""
+        self._check_names(plan)
+        resolved = {}
+        for name, spec in plan.items():
+            layer = self.layers[name]
+            if not isinstance(spec, KroneckerSpec) or spec.weight_shape != layer.info.weight_shape:
+                raise ValueError(f"layer {name!r}: expected a KroneckerSpec for weight_shape "
+                                 f"{layer.info.weight_shape}, got {spec!r}")
+            candidate = layer.by_spec(spec)
+            resolved[name] = candidate or make_candidate(layer.info, spec, self._spectra.error(name, spec))
+        return resolved
+
+    def _weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
+        w = {name: 1.0 for name in self.layers}
+        for name, value in (weights or {}).items():
+            if name not in w:
+                raise ValueError(f"weights name layer {name!r}, which is not searchable; "
+                                 f"searchable layers: {_listed(list(self.layers))}")
+            if not value >= 0:
+                raise ValueError(f"weight of layer {name!r} must be >= 0, got {value!r}")
+            w[name] = float(value)
+        return w
+
+    @staticmethod
+    def _fits(cost: Cost, mflops: float | None, mparams: float | None) -> bool:
+        return (mflops is None or cost.macs <= mflops * 1e6) and (mparams is None or cost.params <= mparams * 1e6)
+
+    def _problem(self, names: list[str], options: list[list[Candidate]], mflops: float | None,
+                 mparams: float | None, weights: Mapping[str, float] | None) -> knapsack.Problem:
+        w = self._weights(weights)
+        units = [u for u, b in (("macs", mflops), ("params", mparams)) if b is not None]
+        budgets = tuple(b * 1e6 for b in (mflops, mparams) if b is not None)
+        fixed = tuple(getattr(self._baseline, u) - sum(getattr(self.layers[n].dense, u) for n in names) for u in units)
+        costs = [[tuple(getattr(c, u) for u in units) for c in opts] for opts in options]
+        errors = [[w[n] * c.error for c in opts] for n, opts in zip(names, options)]
+        return knapsack.Problem(costs, errors, fixed, budgets)
+
+    @staticmethod
+    def _plan(names: list[str], options: list[list[Candidate]], selection: torch.Tensor) -> Plan:
+        chosen = (opts[int(i)] for opts, i in zip(options, selection))
+        return {name: c.spec for name, c in zip(names, chosen) if c.spec is not None}
+
+
+def _listed(items: list[str], limit: int = 6) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _layer_candidates(info, spectra: SpectrumCache, preset_name: str, ranks: str | Sequence[int] | None,
+                      limit: int, keep: Iterable[Candidate]) -> LayerSpace:
+    """Dense plus the thinned Pareto set of the preset's factorizations; ``keep`` (the uniform family) stays."""
+    preset = PRESETS[preset_name]
+    dense = make_candidate(info, None, 0.0)
+    pool = []
+    for a_shape in a_shapes(info.weight_shape, preset):
+        errors = spectra.errors(info.name, a_shape)
+        if ranks is None or isinstance(ranks, str):
+            grid = rank_grid(len(errors), ranks or preset.ranks)
+        else:
+            grid = sorted({int(r) for r in ranks if 1 <= r <= len(errors)})
+        for rank in grid:
+            candidate = make_candidate(info, KroneckerSpec(info.weight_shape, a_shape, rank), errors[rank - 1])
+            if candidate.macs < dense.macs or candidate.params < dense.params:
+                pool.append(candidate)
+    keep = [c for c in keep if c.spec is not None]
+    chosen = thin(pareto(pool), keep, limit)
+    return LayerSpace(info, (dense, *sorted(chosen, key=lambda c: (c.macs, c.params, c.error, c.key))))
+
+
+def _uniform_family(info, spectra: SpectrumCache, rule: str) -> tuple[Candidate, ...]:
+    """The rule's candidate at each of UNIFORM_RATIOS (dense where it would not be cheaper in MACs or params)."""
+    dense = make_candidate(info, None, 0.0)
+    a_shape = UNIFORM_RULES[rule](info.weight_shape)
+    if a_shape is None:
+        return (dense,) * len(UNIFORM_RATIOS)
+    errors = spectra.errors(info.name, a_shape)
+    family = []
+    for ratio in UNIFORM_RATIOS:
+        rank = max(1, round(ratio * len(errors)))
+        candidate = make_candidate(info, KroneckerSpec(info.weight_shape, a_shape, rank), errors[rank - 1])
+        family.append(candidate if candidate.macs < dense.macs or candidate.params < dense.params else dense)
+    return tuple(family)
+
+
+def build_space(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    preset: str = "default",
+    skip: Iterable[str] = (),
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    ranks: str | Sequence[int] | None = None,
+) -> SearchSpace:
+    """Candidates for every conv/linear layer of ``model`` on one ``input_shape`` sample ``(C, H, W)``.
+
+    ``preset``: which factorizations to enumerate (see ``spaces.PRESETS``). ``skip``: layer names kept dense.
+    ``max_candidates``: per-layer cap on factorized candidates (the uniform family and the cheapest and most
+    accurate ones are always kept). ``ranks``: override the preset's rank grid ("all", "geometric", or ranks).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
+        raise ValueError(f"max_candidates must be a positive int, got {max_candidates!r}")
+    if isinstance(ranks, str) and ranks not in ("all", "geometric"):
+        raise ValueError(f"unknown rank grid {ranks!r}: allowed 'all', 'geometric' or a sequence of ints")
+    input_shape = tuple(int(s) for s in input_shape)
+    infos = compressible_layers(model, input_shape)
+    skip = list(dict.fromkeys([skip] if isinstance(skip, str) else skip))
+    unknown = [name for name in skip if name not in {info.name for info in infos}]
+    if unknown:
+        raise ValueError(f"skip names {unknown[0]!r}, which is not a conv/linear layer of the model; "
+                         f"its layers: {', '.join(info.name for info in infos)}")
+    modules = dict(model.named_modules())
+    weights = {info.name: modules[info.name].weight.detach().to("cpu", torch.float64, copy=True)
+               for info in infos if info.decomposable and info.name not in skip}
+    spectra = SpectrumCache(weights)
+    dense_only = {name: "skipped" for name in skip}
+    dense_only.update({info.name: info.reason for info in infos if not info.decomposable})
+    uniform: dict[str, dict[str, tuple[Candidate, ...]]] = {rule: {} for rule in UNIFORM_RULES}
+    layers = []
+    for info in infos:
+        if info.name in dense_only:
+            continue
+        for rule in UNIFORM_RULES:
+            uniform[rule][info.name] = _uniform_family(info, spectra, rule)
+        keep = list(dict.fromkeys(c for rule in UNIFORM_RULES for c in uniform[rule][info.name]))
+        layers.append(_layer_candidates(info, spectra, preset, ranks, max_candidates, keep))
+    baseline = Cost(count_macs(model, input_shape), count_params(model))
+    return SearchSpace(layers, baseline=baseline, input_shape=input_shape, preset=preset, spectra=spectra,
+                       uniform=uniform, dense_only=dense_only)

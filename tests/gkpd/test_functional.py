@@ -1,0 +1,102 @@
+"""The factorized forward in both contraction orders and the materialized path equal F.conv2d with the rebuilt weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gkpd import KroneckerSpec, factorized_conv2d, kronecker_conv2d, kronecker_linear, materialized_conv2d, reconstruct
+from gkpd.spec import ConvGeometry
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn) -> dict:
+    """Random factors, input, stride, dilation and asymmetric zero pads of a valid float64 conv."""
+    a_shape = tuple(draw(st.integers(1, 3)) for _ in range(4))
+    b_shape = tuple(draw(st.integers(1, 3)) for _ in range(4))
+    spec = KroneckerSpec(tuple(x * y for x, y in zip(a_shape, b_shape)), a_shape, 1)
+    rank = draw(st.integers(1, min(3, spec.max_rank)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    # Smallest input that still gives at least one output pixel, plus a little.
+    kh, kw = spec.weight_shape[2:]
+    h = max(1, dilation[0] * (kh - 1) + 1 - pads[0] - pads[1]) + draw(st.integers(0, 4))
+    w = max(1, dilation[1] * (kw - 1) + 1 - pads[2] - pads[3]) + draw(st.integers(0, 4))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    return dict(
+        x=torch.randn(draw(st.integers(1, 2)), spec.weight_shape[1], h, w, generator=generator, dtype=torch.float64),
+        a=torch.randn(rank, *a_shape, generator=generator, dtype=torch.float64),
+        b=torch.randn(rank, *b_shape, generator=generator, dtype=torch.float64),
+        stride=stride, dilation=dilation, pads=pads,
+    )
+
+
+def _reference(case: dict) -> torch.Tensor:
+    top, bottom, left, right = case["pads"]
+    x = F.pad(case["x"], (left, right, top, bottom))
+    return F.conv2d(x, reconstruct(case["a"], case["b"]), stride=case["stride"], dilation=case["dilation"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=conv_cases())
+def test_every_path_equals_conv_with_the_reconstructed_weight(case: dict) -> None:
+    expected = _reference(case)
+    x, a, b = case["x"], case["a"], case["b"]
+    kwargs = dict(stride=case["stride"], dilation=case["dilation"], pads=case["pads"])
+    for order in ("ba", "ab", None):
+        torch.testing.assert_close(factorized_conv2d(x, a, b, order=order, **kwargs), expected, **TOL)
+    torch.testing.assert_close(materialized_conv2d(x, a, b, **kwargs), expected, **TOL)
+    bias = torch.randn(expected.shape[1], dtype=torch.float64)
+    for path in ("factorized", "materialized"):
+        torch.testing.assert_close(
+            kronecker_conv2d(x, a, b, bias, path=path, **kwargs), expected + bias[:, None, None], **TOL
+        )
+
+
+def test_both_spatial_factors_need_the_dilated_second_step() -> None:
+    # A 4x4 kernel split 2x2 ⊗ 2x2: step 2 must run A at dilation 2 (B's extent). The paper's public layer
+    # drops that dilation, which would give a 4x4 output here instead of the dense conv's 3x3.
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    a, b = torch.randn(1, 2, 1, 2, 2, dtype=torch.float64), torch.randn(1, 1, 2, 2, 2, dtype=torch.float64)
+    expected = F.conv2d(x, reconstruct(a, b))
+    assert expected.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(factorized_conv2d(x, a, b, order="ba"), expected, **TOL)
+    torch.testing.assert_close(factorized_conv2d(x, a, b, order="ab"), expected, **TOL)
+
+
+def test_default_order_is_the_cheaper_one() -> None:
+    spec = KroneckerSpec((8, 4, 3, 3), (4, 1, 1, 1), 1)  # "ba" costs 5120 MACs on 8x8 pad 1, "ab" 20032
+    assert spec.cheaper_order(ConvGeometry((8, 8), pads=(1, 1, 1, 1))) == "ba"
+    spec = KroneckerSpec((4, 8, 3, 3), (1, 4, 1, 1), 1)  # the transpose-like split prefers "ab"
+    assert spec.cheaper_order(ConvGeometry((8, 8), pads=(1, 1, 1, 1))) == "ab"
+
+
+def test_unknown_path_raises() -> None:
+    x, a, b = torch.zeros(1, 4, 3, 3), torch.zeros(1, 2, 2, 1, 1), torch.zeros(1, 2, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"unknown path 'fast': allowed \('factorized', 'materialized'\)"):
+        kronecker_conv2d(x, a, b, path="fast")  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    f1=st.integers(1, 4), f2=st.integers(1, 4), c1=st.integers(1, 4), c2=st.integers(1, 4), rank=st.integers(1, 3),
+    lead=st.sampled_from([(3,), (2, 5), (1, 2, 3)]), bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_linear_equals_f_linear(f1, f2, c1, c2, rank, lead, bias, seed) -> None:
+    rank = min(rank, f1 * c1, f2 * c2)
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(rank, f1, c1, generator=generator, dtype=torch.float64)
+    b = torch.randn(rank, f2, c2, generator=generator, dtype=torch.float64)
+    x = torch.randn(*lead, c1 * c2, generator=generator, dtype=torch.float64)
+    bias_ = torch.randn(f1 * f2, generator=generator, dtype=torch.float64) if bias else None
+    expected = F.linear(x, reconstruct(a, b), bias_)
+    assert expected.shape == (*lead, f1 * f2)
+    for path in ("factorized", "materialized"):
+        torch.testing.assert_close(kronecker_linear(x, a, b, bias_, path=path), expected, **TOL)

@@ -1,0 +1,253 @@
+"""KroneckerConv2d / KroneckerLinear: drop-in exactness, gradients, paths, dense round trip, unsupported features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gkpd.layers
+from gkpd import KroneckerConv2d, KroneckerLinear, KroneckerSpec, factorized_conv2d, reconstruct, set_path, use_path
+
+# The reference nn.Conv2d warns that it copies the input for an even "same" kernel; that is the case under test.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+PATHS = ("auto", "factorized", "materialized")
+
+
+@st.composite
+def conv_layers(draw: st.DrawFn, *, covered: bool = False) -> tuple[nn.Conv2d, KroneckerSpec, torch.Tensor]:
+    """A float64 nn.Conv2d with any padding form nn.Conv2d accepts, a spec for it, and a valid input.
+
+    ``covered``: the input is large enough that some output pixel sees the image, not only padding.
+    """
+    a_shape = tuple(draw(st.integers(1, 3)) for _ in range(4))
+    b_shape = tuple(draw(st.integers(1, 3)) for _ in range(4))
+    f, c, kh, kw = (x * y for x, y in zip(a_shape, b_shape))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    forms = [draw(st.integers(0, 2)), (draw(st.integers(0, 2)), draw(st.integers(0, 2))), "valid"]
+    padding = draw(st.sampled_from(forms + (["same"] if stride == (1, 1) else [])))
+    conv = nn.Conv2d(c, f, (kh, kw), stride=stride, padding=padding, dilation=dilation,
+                     bias=draw(st.booleans()), dtype=torch.float64)
+    spec = KroneckerSpec((f, c, kh, kw), a_shape, 1)
+    spec = spec.with_rank(draw(st.integers(1, spec.max_rank)))
+    ph, pw = (0, 0) if isinstance(padding, str) else nn.modules.utils._pair(padding)
+    if covered:
+        ph, pw = -stride[0], -stride[1]
+    h = max(1, dilation[0] * (kh - 1) + 1 - 2 * ph) + draw(st.integers(0, 3))
+    w = max(1, dilation[1] * (kw - 1) + 1 - 2 * pw) + draw(st.integers(0, 3))
+    x = torch.randn(draw(st.integers(1, 2)), c, h, w, dtype=torch.float64)
+    return conv, spec, x
+
+
+def _dense_reference(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` with its weight replaced, through nn.Conv2d's own padding handling."""
+    return conv._conv_forward(x, weight, conv.bias)
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=conv_layers())
+def test_conv_layer_equals_conv_with_the_reconstructed_weight(case) -> None:
+    conv, spec, x = case
+    layer = KroneckerConv2d.from_conv(conv, spec)
+    expected = _dense_reference(conv, reconstruct(layer.a, layer.b), x)
+    for path in PATHS:
+        layer.path = path
+        torch.testing.assert_close(layer(x), expected, **TOL)
+    for order in ("ba", "ab"):
+        y = factorized_conv2d(x, layer.a, layer.b, stride=layer.stride, dilation=layer.dilation, pads=layer.pads,
+                              order=order)
+        torch.testing.assert_close(y if conv.bias is None else y + conv.bias[:, None, None], expected, **TOL)
+    torch.testing.assert_close(layer.to_dense()(x), expected, **TOL)
+    if conv.bias is not None:
+        assert torch.equal(layer.bias, conv.bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_layers())
+def test_conv_layer_at_full_rank_equals_the_original(case) -> None:
+    conv, spec, x = case
+    layer = KroneckerConv2d.from_conv(conv, spec.with_rank(spec.max_rank))
+    for path in PATHS:
+        layer.path = path
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-9, atol=1e-9)
+
+
+def _on_path(path: str):
+    """A runner that calls the layer on ``path``."""
+    def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        layer.path = path
+        return layer(x)
+    return run
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, run, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer.zero_grad()
+    x = x.detach().requires_grad_()
+    (run(layer, x) * upstream).sum().backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return grads | {"x": x.grad}
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_layers(covered=True))
+def test_conv_gradients_reach_both_factors_and_agree_across_paths(case) -> None:
+    conv, spec, x = case
+    layer = KroneckerConv2d.from_conv(conv, spec)
+    upstream = torch.randn_like(conv(x))
+
+    def with_order(order: str):
+        def run(m: KroneckerConv2d, x: torch.Tensor) -> torch.Tensor:
+            y = factorized_conv2d(x, m.a, m.b, stride=m.stride, dilation=m.dilation, pads=m.pads, order=order)
+            return y if m.bias is None else y + m.bias[:, None, None]
+        return run
+
+    reference = _grads(layer, x, _on_path("materialized"), upstream)
+    assert reference["a"].abs().sum() > 0 and reference["b"].abs().sum() > 0
+    for run in (_on_path("factorized"), _on_path("auto"), with_order("ba"), with_order("ab")):
+        grads = _grads(layer, x, run, upstream)
+        assert grads.keys() == reference.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], reference[name], **TOL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    f1=st.integers(1, 4), f2=st.integers(1, 4), c1=st.integers(1, 4), c2=st.integers(1, 4),
+    lead=st.sampled_from([(3,), (2, 5)]), bias=st.booleans(), data=st.data(),
+)
+def test_linear_layer_equals_the_reconstructed_linear(f1, f2, c1, c2, lead, bias, data) -> None:
+    linear = nn.Linear(c1 * c2, f1 * f2, bias=bias, dtype=torch.float64)
+    spec = KroneckerSpec((f1 * f2, c1 * c2), (f1, c1), 1)
+    rank = data.draw(st.integers(1, spec.max_rank))
+    layer = KroneckerLinear.from_linear(linear, spec.with_rank(rank))
+    x = torch.randn(*lead, c1 * c2, dtype=torch.float64)
+    expected = nn.functional.linear(x, reconstruct(layer.a, layer.b), linear.bias)
+    upstream = torch.randn_like(expected)
+    reference = _grads(layer, x, _on_path("materialized"), upstream)
+    assert reference["a"].abs().sum() > 0 and reference["b"].abs().sum() > 0
+    for path in PATHS:
+        layer.path = path
+        torch.testing.assert_close(layer(x), expected, **TOL)
+        grads = _grads(layer, x, _on_path(path), upstream)
+        for name in grads:
+            torch.testing.assert_close(grads[name], reference[name], **TOL)
+    torch.testing.assert_close(layer.to_dense()(x), expected, **TOL)
+    layer = KroneckerLinear.from_linear(linear, spec.with_rank(spec.max_rank))
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-9, atol=1e-9)
+
+
+def test_to_dense_round_trip() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), dtype=torch.float64)
+    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((8, 6, 3, 2), (2, 3, 3, 1), 2))
+    dense = layer.to_dense()
+    assert isinstance(dense, nn.Conv2d)
+    assert (dense.stride, dense.padding, dense.dilation, dense.kernel_size) == ((2, 1), (1, 0), (1, 2), (3, 2))
+    assert torch.equal(dense.weight, layer.weight) and torch.equal(dense.bias, layer.bias)
+    again = KroneckerConv2d.from_conv(dense, layer.spec)  # the rebuilt weight has exactly this rank
+    torch.testing.assert_close(again.weight, layer.weight, **TOL)
+    linear = nn.Linear(6, 4, bias=False, dtype=torch.float64)
+    klinear = KroneckerLinear.from_linear(linear, KroneckerSpec((4, 6), (2, 3), 4))
+    dense_linear = klinear.to_dense()
+    assert dense_linear.bias is None
+    torch.testing.assert_close(dense_linear.weight, linear.weight, **TOL)
+
+
+def test_attributes_match_nn_conv2d() -> None:
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((8, 4, 3, 3), (2, 2, 3, 1), 3))
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        assert getattr(layer, name) == getattr(conv, name), name
+    assert layer.a.shape == (3, 2, 2, 3, 1) and layer.b.shape == (3, 4, 2, 1, 3)
+    assert list(layer.state_dict()) == ["a", "b", "bias"]
+    assert "kron=2x2x3x1⊗4x2x1x3 r3" in repr(layer) and "path=auto" in repr(layer)
+
+
+def test_fresh_layer_init_matches_the_dense_weight_variance() -> None:
+    torch.manual_seed(0)
+    layer = KroneckerConv2d(64, 64, 3, a_shape=(8, 8, 1, 1), rank=16, padding=1)
+    dense = nn.Conv2d(64, 64, 3, padding=1)
+    assert layer.weight.var().item() == pytest.approx(dense.weight.var().item(), rel=0.15)
+
+
+@pytest.mark.parametrize(
+    ("conv", "message"),
+    [
+        (nn.Conv2d(4, 4, 3, groups=2), r"groups > 1 \(got groups=2\)"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), r"padding_mode='zeros' \(got 'reflect'\)"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), r"padding_mode='zeros' \(got 'circular'\)"),
+    ],
+)
+def test_unsupported_conv_features_raise_not_implemented(conv: nn.Conv2d, message: str) -> None:
+    spec = KroneckerSpec(tuple(conv.weight.shape), (2, 1, 1, 1), 1)
+    with pytest.raises(NotImplementedError, match=message):
+        KroneckerConv2d.from_conv(conv, spec)
+
+
+def test_bad_construction_raises() -> None:
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        KroneckerConv2d(4, 4, 3, a_shape=(2, 2, 1, 1), rank=1, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding 'full' is not supported"):
+        KroneckerConv2d(4, 4, 3, a_shape=(2, 2, 1, 1), rank=1, padding="full")
+    with pytest.raises(ValueError, match=r"unknown path 'gpu'"):
+        KroneckerConv2d(4, 4, 3, a_shape=(2, 2, 1, 1), rank=1, path="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"spec weight_shape \(4, 4, 1, 1\) does not match conv weight \(4, 4, 3, 3\)"):
+        KroneckerConv2d.from_conv(nn.Conv2d(4, 4, 3), KroneckerSpec((4, 4, 1, 1), (2, 2, 1, 1), 1))
+    with pytest.raises(TypeError, match="from_conv expects nn.Conv2d, got Linear"):
+        KroneckerConv2d.from_conv(nn.Linear(4, 4), KroneckerSpec((4, 4, 1, 1), (2, 2, 1, 1), 1))
+    with pytest.raises(TypeError, match="from_linear expects nn.Linear, got Conv2d"):
+        KroneckerLinear.from_linear(nn.Conv2d(4, 4, 1), KroneckerSpec((4, 4), (2, 2), 1))
+
+
+def test_auto_measures_once_per_setting_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gkpd.layers, "_AUTO_CHOICE", {})
+    calls: list[tuple] = []
+    measure = gkpd.layers._measure_path
+
+    def recording(x, a, b, run):
+        calls.append((tuple(x.shape), a.requires_grad and torch.is_grad_enabled()))
+        choice = measure(x, a, b, run)
+        assert choice in ("factorized", "materialized")
+        return choice
+
+    monkeypatch.setattr(gkpd.layers, "_measure_path", recording)
+    torch.manual_seed(0)
+    spec = KroneckerSpec((8, 8, 3, 3), (2, 2, 3, 1), 2)
+    convs = [nn.Conv2d(8, 8, 3, stride=s, padding=1, dtype=torch.float64) for s in (1, 2)]
+    layers = [KroneckerConv2d.from_conv(conv, spec) for conv in convs]
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    for _ in range(2):
+        for conv, layer in zip(convs, layers):
+            with torch.no_grad():
+                expected = _dense_reference(conv, layer.weight, x)
+                torch.testing.assert_close(layer(x), expected, **TOL)
+    # Same spec and input, different stride: two settings, each measured once.
+    assert calls == [((2, 8, 8, 8), False), ((2, 8, 8, 8), False)]
+    layers[0](x).sum().backward()  # training is a setting of its own
+    layers[0](x[:1])  # so is another batch size
+    assert calls[2:] == [((2, 8, 8, 8), True), ((1, 8, 8, 8), True)]
+
+
+def test_set_path_and_use_path() -> None:
+    model = nn.Sequential(
+        KroneckerConv2d(4, 4, 3, a_shape=(2, 2, 1, 1), rank=1),
+        nn.ReLU(),
+        KroneckerLinear(4, 4, a_shape=(2, 2), rank=1, path="materialized"),
+    )
+    layers = [model[0], model[2]]
+    set_path(model, "factorized")
+    assert [m.path for m in layers] == ["factorized", "factorized"]
+    model[2].path = "materialized"
+    with use_path(model, "auto"):
+        assert [m.path for m in layers] == ["auto", "auto"]
+    assert [m.path for m in layers] == ["factorized", "materialized"]
+    with pytest.raises(RuntimeError, match="boom"), use_path(model, "materialized"):
+        raise RuntimeError("boom")
+    assert [m.path for m in layers] == ["factorized", "materialized"]  # restored on error too
+    with pytest.raises(ValueError, match=r"unknown path 'fast': allowed \('auto', 'factorized', 'materialized'\)"):
+        set_path(model, "fast")  # type: ignore[arg-type]
