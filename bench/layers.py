@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -58,8 +59,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _moved(spec: KroneckerSpec, geometry: ConvGeometry) -> int:
+    """Elements per sample that the two steps of the cheaper order write (the second is R times the output)."""
+    first, second = spec.steps(geometry, spec.cheaper_order(geometry))
+    (f1, c1), (f2, c2) = spec.a_shape[:2], spec.b_shape[:2]
+    mid_channels = c1 * f2 if spec.cheaper_order(geometry) == "ba" else c2 * f1
+    return spec.rank * (mid_channels * math.prod(first["out_hw"]) + f1 * f2 * math.prod(second["out_hw"]))
+
+
 def pick_spec(shape: ConvShape, target: float) -> KroneckerSpec:
-    """The factorization whose MAC saving is closest to ``target``; among near ties, the one with most parameters."""
+    """The factorization whose MAC saving is closest to ``target``; among near ties, the one whose steps write least.
+
+    That is the factorized path's best case at that saving: at equal MACs, the time goes into writing the
+    intermediate maps, and the second step writes R times the layer's output before summing over R.
+    """
     weight_shape = (shape.cout, shape.cin, 3, 3)
     geometry = shape.geometry()
     candidates = []
@@ -68,26 +81,33 @@ def pick_spec(shape: ConvShape, target: float) -> KroneckerSpec:
             for kh1 in (1, 3):
                 for kw1 in (1, 3):
                     one = KroneckerSpec(weight_shape, (f1, c1, kh1, kw1), 1)
-                    if one.max_rank == 1:  # one factor is a scalar: that is the dense layer
+                    if min(f1, c1, *one.b_shape[:2]) < 2:  # a factor that mixes no channels copies filters
                         continue
                     # MACs are linear in the rank, so the rank for the target follows from the rank-1 cost.
                     rank = min(one.max_rank, max(1, round(one.dense_macs(geometry) / (target * one.macs(geometry)))))
                     spec = one.with_rank(rank)
                     miss = abs(math.log(spec.dense_macs(geometry) / spec.macs(geometry) / target))
-                    candidates.append((round(miss, 2), -spec.max_rank, -spec.num_params, spec.a_shape, spec))
+                    candidates.append((round(miss, 2), _moved(spec, geometry), -spec.num_params, spec.a_shape, spec))
     return min(candidates)[-1]
+
+
+def _seconds(fn: Callable[[], None], calls: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def _median_times(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     """Median seconds per call of each function, interleaved so that drift hits all of them alike."""
-    for fn in fns.values():
-        fn(), fn()  # warm-up: allocation, kernel selection, the auto path's own measurement
+    calls = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: allocation, kernel selection
+        calls[name] = max(1, min(50, int(0.02 / _seconds(fn))))  # sub-millisecond calls are timed in a loop
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_seconds(fn, calls[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -140,11 +160,11 @@ def bench_row(shape: ConvShape, spec: KroneckerSpec, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 9")
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 9
+    repeats = 3 if args.quick else 7
     settings = ("fwd b1", "fwd b64", "f+b b64")
     print(f"torch {torch.__version__}, {args.threads} threads, median of {repeats}; times are ratios to dense "
           f"(below 1: faster); auto's pick in brackets (F factorized, M materialized). MACs as fvcore counts them.")
@@ -154,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     header += " | dense ms: b1 / b64 / f+b64"
     print(header)
     print("-" * len(header))
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()
     for shape in SHAPES:
         for target in TARGETS:
             spec = pick_spec(shape, target)
@@ -169,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
             dense = row["dense_ms"]
             line += f" | {dense['fwd b1']:6.2f} / {dense['fwd b64']:6.1f} / {dense['f+b b64']:6.1f}"
             print(line, flush=True)
-    print(f"total {time.perf_counter() - start:.0f} s")
+    # Other processes on the same cores skew every ratio; the load average says whether there were any.
+    print(f"total {time.perf_counter() - start:.0f} s; load average at start {load[0]:.1f}, "
+          f"at end {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

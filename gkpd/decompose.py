@@ -38,7 +38,13 @@ def unrearrange(matrix: torch.Tensor, a_shape: Sequence[int], b_shape: Sequence[
 def singular_values(weight: torch.Tensor, a_shape: Sequence[int]) -> torch.Tensor:
     """Singular values [max_rank] of the rearranged weight, in float64, descending."""
     b_shape = [w // a for w, a in zip(weight.shape, a_shape)]
-    return torch.linalg.svdvals(rearrange(weight.detach().double(), a_shape, b_shape))
+    matrix = rearrange(weight.detach().double(), a_shape, b_shape)
+    return torch.linalg.svdvals(_tall(matrix))
+
+
+def _tall(matrix: torch.Tensor) -> torch.Tensor:
+    # LAPACK's SVD on a wide matrix runs 6-10x slower on CPUs than on its transpose (512x4608: 1.1 s vs 0.18 s).
+    return matrix.mT if matrix.shape[0] < matrix.shape[1] else matrix
 
 
 def decompose(weight: torch.Tensor, spec: KroneckerSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +52,11 @@ def decompose(weight: torch.Tensor, spec: KroneckerSpec) -> tuple[torch.Tensor, 
     if tuple(weight.shape) != spec.weight_shape:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match spec weight_shape {spec.weight_shape}")
     matrix = rearrange(weight.detach().double(), spec.a_shape, spec.b_shape)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if matrix.shape[0] < matrix.shape[1]:
+        v, s, uh = torch.linalg.svd(_tall(matrix), full_matrices=False)  # M^T = V S U^T
+        u, vh = uh.mT, v.mT
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[: spec.rank].sqrt()
     a = (u[:, : spec.rank] * root).T.reshape(spec.rank, *spec.a_shape)
     b = (vh[: spec.rank] * root[:, None]).reshape(spec.rank, *spec.b_shape)

@@ -39,6 +39,7 @@ __all__ = ["main", "build_parser", "config_from_args"]
 DEFAULTS = SearchConfig(budget_mflops=1.0)  # only to read the defaults for --help
 MAX_FAILURES_IN_A_ROW = 3
 RUN_FILE = "run.json"
+WORKER_ENV = "GKPD_WORKER"  # set by --workers N in its children ("i/N")
 
 
 class UsageError(Exception):
@@ -202,8 +203,8 @@ def _run_info(config: SearchConfig, prepared: Prepared, teacher: dict[str, float
     }
 
 
-def run_search(config: SearchConfig) -> int:
-    start = time.perf_counter()
+def prepare_study(config: SearchConfig) -> tuple[Prepared, optuna.Study]:
+    """Validate, build (or load) the teacher and space, and create the study with its seeds, or join it."""
     prepared = Prepared(config)
     space = prepared.space
     seeds = [(tag, space.params_from_plan(plan)) for tag, plan in seed_plans(config, space)]
@@ -215,6 +216,14 @@ def run_search(config: SearchConfig) -> int:
         study.set_user_attr("run", _run_info(config, prepared, teacher))
     config.out.mkdir(parents=True, exist_ok=True)
     atomic_text(config.out / RUN_FILE, json.dumps({"storage": config.storage_url, "study_name": config.study_name}) + "\n")
+    return prepared, study
+
+
+def run_search(config: SearchConfig) -> int:
+    start = time.perf_counter()
+    prepared, study = prepare_study(config)
+    # A child of --workers N only runs trials: its parent writes the report and export once, at the end.
+    report = not os.environ.get(WORKER_ENV)
 
     objective = make_objective(prepared.ctx)
     already = finished_count(study)
@@ -236,17 +245,20 @@ def run_search(config: SearchConfig) -> int:
                 optuna.storages.fail_stale_trials(study)
                 time.sleep(2)
                 continue
-            study.optimize(objective, n_trials=1, catch=CATCH)
-            last = study.get_trials(deepcopy=False)[-1]
+            ran: list[optuna.trial.FrozenTrial] = []  # this worker's trial (others may have started later ones)
+            study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[lambda _, trial: ran.append(trial)])
+            last = ran[-1]
             failures = failures + 1 if last.state == TrialState.FAIL else 0
             if failures >= MAX_FAILURES_IN_A_ROW:
                 raise RuntimeError(f"{failures} trials in a row failed; last: {last.user_attrs.get('fail_reason')}")
             log(f"progress: {eta(finished_count(study) - already)}")
     except KeyboardInterrupt:
         log("search: interrupted; the running trial is marked failed, finished trials are kept")
-        finish(config, study, elapsed=time.perf_counter() - start, export=False)
+        if report:
+            finish(config, study, elapsed=time.perf_counter() - start, export=False)
         return 130
-    finish(config, study, elapsed=time.perf_counter() - start, export=True, prepared=prepared)
+    if report:
+        finish(config, study, elapsed=time.perf_counter() - start, export=True, prepared=prepared)
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,8 +28,12 @@ __all__ = [
 SEED_LADDER = (1.0, 0.8, 0.6)
 # Trials that fail for these reasons are recorded as failed, with the reason, and the study goes on.
 CATCH = (FloatingPointError, torch.OutOfMemoryError)
+# A worker records a heartbeat every HEARTBEAT_SECONDS; a RUNNING trial silent for GRACE_SECONDS is failed
+# (and re-queued once). $GKPD_HEARTBEAT_SECONDS / $GKPD_GRACE_SECONDS override them (tests use 1 s / 5 s).
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
+# How long an SQLite writer waits for another process's lock before "database is locked" (pysqlite: 5 s).
+SQLITE_TIMEOUT_SECONDS = 60
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -37,18 +43,33 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = url.removeprefix("journal:")
         backend = optuna.storages.journal.JournalFileBackend(path)
         return optuna.storages.JournalStorage(backend)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite:"):
+        # Several worker processes (--workers N) share one SQLite file; wait for a lock instead of failing.
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
+    heartbeat = _env_seconds("GKPD_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+    grace = _env_seconds("GKPD_GRACE_SECONDS", GRACE_SECONDS)
     try:
         return optuna.storages.RDBStorage(
             url,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
+            heartbeat_interval=heartbeat,
+            grace_period=grace,
             # A trial whose worker died is failed after the grace period and re-queued once.
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True},
+            engine_kwargs=engine_kwargs,
         )
     except Exception as err:  # sqlalchemy raises many types here: bad scheme, no driver, refused connection
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot open storage {url!r}: {reason}") from None
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${name} must be a whole number of seconds >= 1, got {value!r}")
+    return int(value)
 
 
 def make_sampler(config: SearchConfig, *, startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -93,6 +114,9 @@ def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds
         # Another worker (or an earlier run) created it: resume, never re-seed.
         study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler)
         check_identity(config, study.user_attrs.get("identity", {}))
+        # Workers joining one study must not replay the same --seed random stream (the sampler's startup
+        # phase would propose the same plans in every worker); --seed still fixes the data split and teacher.
+        sampler.reseed_rng()
         return study
     study.set_metric_names(["val_accuracy", config.objective])
     study.set_user_attr("identity", config.identity())
@@ -110,9 +134,14 @@ def seed_plans(config: SearchConfig, space: SearchSpace) -> list[tuple[str, gkpd
         budget = {key: value * fraction for key, value in config.budget.items()}
         if any(value < getattr(minimum, key) for key, value in budget.items()):
             continue
-        plans.append((f"allocate@{fraction:g}", space.allocate(**budget)))
+        makers = [(f"allocate@{fraction:g}", space.allocate)]
         if fraction == 1.0:
-            plans.append(("uniform", space.uniform_for_budget(**budget)))
+            makers.append(("uniform", space.uniform_for_budget))
+        for tag, make in makers:
+            try:
+                plans.append((tag, make(**budget)))
+            except ValueError as err:  # e.g. two budgets that no plan of this family meets together
+                log(f"seed {tag}: skipped ({err})")
     unique: list[tuple[str, gkpd.Plan]] = []
     for tag, plan in plans:
         if all(plan != other for _, other in unique):
@@ -151,6 +180,7 @@ def make_objective(ctx: TrialContext):
         trial.set_user_attr("repaired", plan != proposed)
         for key, budget in config.budget.items():
             trial.set_constraint(key, getattr(cost, key) - budget)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (logs, tests)
         seed_tag = trial.user_attrs.get("seed")
         label = f"trial {trial.number}" + (f" [{seed_tag}]" if seed_tag else "")
         checkpoint = config.out / "checkpoints" / f"trial-{trial.number}.pt"

@@ -71,13 +71,14 @@ class Preset:
     spatial: Callable[[int, int], list[tuple[int, int]]]
     channels: Callable[[int, int], list[tuple[int, int]]]
     ranks: str
+    max_rank: int | None = None  # leave out factorizations of higher full rank: their SVD dominates build time
 
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
         "channel splits with F1 and C2 in {sqrt, all}; kernel separable (Kh x 1 then 1 x Kw), all in A or all in B; "
-        "ranks on a geometric grid",
-        _spatial_common, _channels_default, "geometric",
+        "full rank at most 1024; ranks on a geometric grid",
+        _spatial_common, _channels_default, "geometric", max_rank=1024,
     ),
     "paper": Preset(
         "the paper's separable spatial factors (A Kh x 1, B 1 x Kw) with channel splits near n^1/4, n^1/2, n^3/4; "
@@ -97,7 +98,12 @@ def a_shapes(weight_shape: tuple[int, ...], preset: Preset) -> list[tuple[int, .
     spatial = preset.spatial(*weight_shape[2:]) if len(weight_shape) == 4 else [()]
     shapes = [(f1, c1, *k) for f1, c1 in preset.channels(f, c) for k in spatial]
     total = math.prod(weight_shape)
-    return [s for s in dict.fromkeys(shapes) if 1 < math.prod(s) < total]
+    limit = preset.max_rank or total
+
+    def full_rank(a: tuple[int, ...]) -> int:
+        return min(math.prod(a), total // math.prod(a))
+
+    return [a for a in dict.fromkeys(shapes) if 1 < math.prod(a) < total and full_rank(a) <= limit]
 
 
 def rank_grid(max_rank: int, kind: str) -> list[int]:

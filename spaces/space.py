@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gkpd import KroneckerSpec, Plan, compressible_layers, count_macs, count_params
+from gkpd import KroneckerSpec, LayerInfo, Plan, compressible_layers, count_macs, count_params
 from spaces import knapsack
-from spaces.candidates import DENSE, Candidate, LayerSpace, SpectrumCache, make_candidate, pareto, thin
+from spaces.candidates import Candidate, LayerSpace, SpectrumCache, make_candidate, pareto, thin
 from spaces.presets import PRESETS, UNIFORM_RATIOS, UNIFORM_RULES, a_shapes, rank_grid
 
 __all__ = ["Cost", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES"]
@@ -43,8 +43,9 @@ class Cost:
 class SearchSpace:
     """What the search may choose per layer, and what any choice costs; build it with :func:`build_space`.
 
-    ``layers`` maps each searchable layer name (call order) to its :class:`LayerSpace`. Layers that are skipped,
-    not decomposable, or left with only "dense" are not in ``choices()`` and always stay dense.
+    ``layers`` maps each searchable layer name (call order) to its :class:`LayerSpace`; skipped and
+    non-decomposable layers are not in it (``dense_only`` says why) and always stay dense. A layer whose only
+    choice is "dense" is in ``layers`` but not in ``choices()``.
     """
 
     def __init__(self, layers: Sequence[LayerSpace], *, baseline: Cost, input_shape: tuple[int, ...], preset: str,
@@ -75,9 +76,10 @@ class SearchSpace:
     def plan_from_params(self, params: Mapping[str, str]) -> Plan:
         """The plan a trial's params stand for. Keys that are not layer names (other hyperparameters) are ignored."""
         plan: Plan = {}
-        for name, keys in self.choices().items():
+        choices = self.choices()
+        for name, keys in choices.items():
             if name not in params:
-                raise ValueError(f"params lack layer {name!r}; expected one choice for each of {len(keys)} layers")
+                raise ValueError(f"params lack layer {name!r}; expected a choice for each of {len(choices)} layers")
             candidate = self.layers[name].by_key(str(params[name]))
             if candidate is None:
                 raise ValueError(f"layer {name!r}: {params[name]!r} is not one of its choices ({_listed(keys)})")
@@ -97,7 +99,8 @@ class SearchSpace:
             params[name] = candidate.key
         for name in plan:
             if name not in params:
-                raise ValueError(f"layer {name!r} has only the 'dense' choice in this space, but the plan sets {plan[name]}")
+                raise ValueError(f"layer {name!r} has only the 'dense' choice in this space, "
+                                 f"but the plan sets {plan[name]}")
         return params
 
     # -- cost and error ----------------------------------------------------------------------------------------
@@ -142,9 +145,9 @@ class SearchSpace:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{what} budget must be a positive number, got {value!r}")
             if value < least:
-                raise ValueError(f"{what} budget {value:g} is below the minimum this space reaches: {least:.4f} {unit}")
+                raise ValueError(f"{what} budget {value:g} is below the minimum this space reaches: {least:.6g} {unit}")
             if value >= dense:
-                raise ValueError(f"{what} budget {value:g} is at or above the dense model's cost {dense:.4f} {unit}: "
+                raise ValueError(f"{what} budget {value:g} is at or above the dense model's cost {dense:.6g} {unit}: "
                                  "nothing to compress")
 
     # -- feasible plans ----------------------------------------------------------------------------------------
@@ -168,11 +171,7 @@ class SearchSpace:
             selection.append(opts.index(chosen))
         problem = self._problem(names, options, mflops, mparams, weights)
         selection = knapsack.repair(problem, torch.tensor(selection))
-        repaired = self._plan(names, options, selection)
-        for name, spec in plan.items():  # layers outside the space (kept dense here) are not touched
-            if name not in self.layers:
-                repaired[name] = spec
-        return repaired
+        return self._plan(names, options, selection)
 
     def allocate(self, *, mflops: float | None = None, mparams: float | None = None,
                  weights: Mapping[str, float] | None = None) -> Plan:
@@ -233,9 +232,10 @@ class SearchSpace:
 
     def _check_names(self, plan: Mapping[str, KroneckerSpec]) -> None:
         for name in plan:
+            if name in self.dense_only:
+                raise ValueError(f"plan names layer {name!r}, which this space keeps dense ({self.dense_only[name]})")
             if name not in self.layers:
-                why = self.dense_only.get(name, "it is not a conv/linear layer of the model")
-                raise ValueError(f"plan names layer {name!r}, which this space keeps dense ({why}); "
+                raise ValueError(f"plan names layer {name!r}, which is not a conv/linear layer of the model; "
                                  f"searchable layers: {_listed(list(self.layers))}")
 
     def _resolve(self, plan: Mapping[str, KroneckerSpec]) -> dict[str, Candidate]:
@@ -287,7 +287,7 @@ def _listed(items: list[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _layer_candidates(info, spectra: SpectrumCache, preset_name: str, ranks: str | Sequence[int] | None,
+def _layer_candidates(info: LayerInfo, spectra: SpectrumCache, preset_name: str, ranks: str | Sequence[int] | None,
                       limit: int, keep: Iterable[Candidate]) -> LayerSpace:
     """Dense plus the thinned Pareto set of the preset's factorizations; ``keep`` (the uniform family) stays."""
     preset = PRESETS[preset_name]
@@ -308,7 +308,7 @@ def _layer_candidates(info, spectra: SpectrumCache, preset_name: str, ranks: str
     return LayerSpace(info, (dense, *sorted(chosen, key=lambda c: (c.macs, c.params, c.error, c.key))))
 
 
-def _uniform_family(info, spectra: SpectrumCache, rule: str) -> tuple[Candidate, ...]:
+def _uniform_family(info: LayerInfo, spectra: SpectrumCache, rule: str) -> tuple[Candidate, ...]:
     """The rule's candidate at each of UNIFORM_RATIOS (dense where it would not be cheaper in MACs or params)."""
     dense = make_candidate(info, None, 0.0)
     a_shape = UNIFORM_RULES[rule](info.weight_shape)
@@ -352,7 +352,7 @@ def build_space(
         raise ValueError(f"skip names {unknown[0]!r}, which is not a conv/linear layer of the model; "
                          f"its layers: {', '.join(info.name for info in infos)}")
     modules = dict(model.named_modules())
-    weights = {info.name: modules[info.name].weight.detach().to("cpu", torch.float64, copy=True)
+    weights = {info.name: modules[info.name].weight.detach().to("cpu", copy=True)
                for info in infos if info.decomposable and info.name not in skip}
     spectra = SpectrumCache(weights)
     dense_only = {name: "skipped" for name in skip}
