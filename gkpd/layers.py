@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import statistics
 import time
 from collections.abc import Iterator
 from typing import Literal
@@ -51,7 +50,7 @@ def _time(fn, repeats: int = 5) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)  # the least disturbed run: other load on the cores only ever adds time
 
 
 def _measure_path(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, run) -> Path:

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,13 +163,15 @@ def _tune_rounds(config: SearchConfig, study: optuna.Study, *, run_id: str, star
             ),
             run_config=tune.RunConfig(
                 name=f"{config.study_name}-{run_id}-{round_number}", storage_path=str(config.out / "ray"),
-                failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                # The trials log their own progress; Tune's status tables would bury it.
+                failure_config=tune.FailureConfig(max_failures=0), verbose=0,
             ),
         )
         results = tuner.fit()
         errors = [result.error for result in results if result.error is not None]
         for error in errors:
-            log(f"ray: a Tune trial raised {type(error).__name__}: {str(error).strip().splitlines()[-1:]}")
+            last = (str(error).strip().splitlines() or [""])[-1]
+            log(f"ray: a Tune trial raised {type(error).__name__}: {last}")
         stalled = stalled + 1 if finished_count(study) == done else 0
         if stalled >= MAX_ROUNDS_WITHOUT_PROGRESS:
             failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
@@ -187,6 +190,7 @@ def _tune_trial(_: dict, *, config: SearchConfig, run_id: str) -> None:
 
     from search.cli import Prepared
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # as main() does
     torch.set_num_threads(max(1, round(config.cpus_per_trial)))
     if config not in _PREPARED:  # once per worker process: Tune reuses actors between trials
         _PREPARED[config] = Prepared(config)

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +30,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_args() -> list[str]:
+    """The search options every distributed test uses (the teacher they share is trained for these)."""
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
 def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$GKPD_CACHE for the session: the tiny teacher is trained here once, before any worker starts."""
     cache = tmp_path_factory.mktemp("gkpd-cache")
@@ -36,10 +43,10 @@ def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The same Prepared the workers build; a missing dataset is the only reason to skip.
     code = ("import sys; from search.cli import Prepared, parse_args, config_from_args; "
             "Prepared(config_from_args(parse_args(sys.argv[1:])))")
-    done = subprocess.run(["python", "-c", code, *TINY, "--out", str(cache / "warmup")], env=env, cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, "-c", code, *TINY, "--out", str(cache / "warmup")], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
-        if "FileNotFoundError" in done.stderr and "fashion" in done.stderr.lower():
+        if "dataset-fashion-mnist" in done.stderr:
             pytest.skip("Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
         raise RuntimeError(f"training the tiny teacher failed:\n{done.stderr[-3000:]}")
     return cache

@@ -1,0 +1,228 @@
+"""One study, many processes: workers on PostgreSQL and SQLite, a worker killed mid-trial, Ctrl-C, failing
+trials, and Ray Tune on a local Ray bound to 127.0.0.1. Real processes, real storages, tiny settings."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from search.study import FINISHED, open_storage
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SEARCH = [sys.executable, str(REPO_ROOT / "search.py")]
+
+
+@pytest.fixture
+def search_args(tiny_args: list[str]) -> Callable[..., list[str]]:
+    """``search_args(out, study, trials, *extra)``: the tiny search of one test."""
+    def args(out: Path, study: str, trials: int, *extra: str) -> list[str]:
+        return [*tiny_args, "--out", str(out), "--study-name", study, "--trials", str(trials), *extra]
+    return args
+
+
+def start(args: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``search.py args`` in its own process group (so a test can Ctrl-C it and its children together)."""
+    return subprocess.Popen([*SEARCH, *args], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log: Path, *, timeout: float = 400) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"search.py did not finish in {timeout:g}s:\n{log.read_text()[-4000:]}") from None
+
+
+def trials_of(storage: str, study: str) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
+
+
+def wait_for(condition: Callable[[], bool], what: str, *, timeout: float = 300, poll: float = 0.3) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(poll)
+
+
+def running_after_finished(storage: str, study: str, finished: int) -> Callable[[], bool]:
+    """True once the study has ``finished`` finished trials and another one RUNNING (a worker is mid-trial)."""
+    def check() -> bool:
+        try:
+            trials = trials_of(storage, study)
+        except KeyError:  # not created yet
+            return False
+        states = collections.Counter(t.state for t in trials)
+        return states[TrialState.COMPLETE] + states[TrialState.PRUNED] >= finished and states[TrialState.RUNNING] > 0
+    return check
+
+
+def assert_one_consistent_study(trials: Sequence[FrozenTrial], target: int, out: Path) -> list[FrozenTrial]:
+    """Numbered once each, none left running or waiting, the target reached, each seed evaluated once."""
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(finished) >= target
+    seeds = [t.user_attrs["seed"] for t in finished if "seed" in t.user_attrs]
+    assert seeds and len(seeds) == len(set(seeds)), f"seed plans evaluated more than once: {seeds}"
+    for t in finished:
+        if t.state == TrialState.COMPLETE:  # its checkpoint is on the shared --out, where export finds it
+            assert Path(t.user_attrs["checkpoint"]) == out / "checkpoints" / f"trial-{t.number}.pt"
+            assert Path(t.user_attrs["checkpoint"]).is_file()
+    return finished
+
+
+def test_two_workers_on_postgresql_share_one_study(worker_env, postgres_url, search_args, tmp_path: Path) -> None:
+    """Two independent processes, as on two machines: one creates and seeds the study, both run trials."""
+    args = search_args(tmp_path / "run", "pg-two", 6, "--storage", postgres_url)
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    workers = [start(args, worker_env, log) for log in logs]
+    codes = [finish(w, log) for w, log in zip(workers, logs)]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+
+    finished = assert_one_consistent_study(trials_of(postgres_url, "pg-two"), 6, tmp_path / "run")
+    assert len({t.user_attrs["worker"] for t in finished}) == 2, "both workers ran trials"
+    assert sum("created with" in log.read_text() for log in logs) == 1, "the study was created (and seeded) once"
+    assert (tmp_path / "run" / "pareto.csv").is_file() and (tmp_path / "run" / "best" / "plan.json").is_file()
+
+
+def test_workers_2_on_sqlite(worker_env, search_args, tmp_path: Path) -> None:
+    """``--workers 2`` on the default SQLite file: two children share it; the parent reports once."""
+    out, log = tmp_path / "run", tmp_path / "search.log"
+    code = finish(start(search_args(out, "sqlite-two", 6, "--workers", "2"), worker_env, log), log)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+
+    finished = assert_one_consistent_study(trials_of(f"sqlite:///{out / 'study.db'}", "sqlite-two"), 6, out)
+    assert len({t.user_attrs["worker"] for t in finished}) == 2, "both workers ran trials"
+    assert "[worker 1]" in text and "[worker 2]" in text
+    assert text.count("export: trial") == 1, "the parent alone exports, once"
+    assert (out / "best" / "plan.json").is_file() and (out / "best" / "model.onnx").is_file()
+
+
+def test_sigkill_mid_trial_then_restart_reaches_the_target(worker_env, search_args, tmp_path: Path) -> None:
+    """Completed trials survive; the killed trial is failed by its stale heartbeat and retried once."""
+    out, storage, name = tmp_path / "run", f"sqlite:///{tmp_path / 'run' / 'study.db'}", "killed"
+    # Longer fine-tunes so that the trial is still running when the test kills its worker.
+    args = search_args(out, name, 4, "--finetune-steps", "40")
+    first = start(args, worker_env, tmp_path / "first.log")
+    wait_for(running_after_finished(storage, name, 1), "one finished trial and one running")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+
+    before = trials_of(storage, name)
+    kept = {t.number: t.values for t in before if t.state == TrialState.COMPLETE}
+    killed = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert kept and len(killed) == 1, [(t.number, t.state.name) for t in before]
+
+    log = tmp_path / "second.log"
+    code = finish(start(args, worker_env, log), log)
+    assert code == 0, log.read_text()[-4000:]
+    after = {t.number: t for t in trials_of(storage, name)}
+    assert {n: after[n].values for n in kept} == kept, "completed trials are kept as they were"
+    assert after[killed[0]].state == TrialState.FAIL
+    retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == killed[0]]
+    assert len(retries) == 1 and retries[0].params == after[killed[0]].params, "re-queued once, same plan"
+    assert_one_consistent_study(list(after.values()), 4, out)
+
+
+def test_ctrl_c_marks_running_trials_failed_and_exits_130(worker_env, search_args, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) on ``--workers 2``: trials marked, report written, status 130."""
+    out, storage, name, log = tmp_path / "run", f"sqlite:///{tmp_path / 'run' / 'study.db'}", "interrupted", \
+        tmp_path / "search.log"
+    search = start(search_args(out, name, 20, "--workers", "2", "--finetune-steps", "40"), worker_env, log)
+    wait_for(running_after_finished(storage, name, 0), "a running trial")
+    os.killpg(search.pid, signal.SIGINT)
+    code = finish(search, log, timeout=120)
+    assert code == 130, log.read_text()[-4000:]
+
+    trials = trials_of(storage, name)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], "no trial left RUNNING"
+    assert any(t.state == TrialState.FAIL for t in trials)
+    assert (out / "trials.csv").is_file() and not (out / "best").exists(), "report written, nothing exported"
+
+
+def test_nan_loss_and_out_of_memory_fail_the_trial_and_the_study_goes_on(
+    teacher_cache: Path, search_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process: the first fine-tune hits a NaN loss, the second runs out of memory; both are recorded."""
+    import search.trial
+    from search.cli import config_from_args, parse_args, run_search
+
+    real_distill = search.trial.distill
+    failures = [FloatingPointError("loss is nan at step 1"), torch.OutOfMemoryError("CUDA out of memory (simulated)")]
+
+    def distill(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(search.trial, "distill", distill)
+    monkeypatch.setenv("GKPD_CACHE", str(teacher_cache))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # --prune-margin 1: no trial stops early, so every trial reaches the fine-tune.
+        config = config_from_args(parse_args(search_args(tmp_path / "run", "failing", 3, "--prune-margin", "1")))
+        assert run_search(config) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    trials = trials_of(config.storage_url, "failing")
+    assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
+    assert trials[0].user_attrs["fail_reason"] == "FloatingPointError: loss is nan at step 1"
+    assert trials[1].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory (simulated)")
+    assert sum(t.state in FINISHED for t in trials) == 3
+    report = (tmp_path / "run" / "trials.csv").read_text()
+    assert "FloatingPointError: loss is nan" in report and "OutOfMemoryError" in report
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """The IP addresses that ``pid`` and its descendants listen on (TCP)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    pids = {p.pid for p in family}
+    return {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
+def test_ray_tune_backend_on_local_ray_writes_the_optuna_study(local_ray_env, search_args, tmp_path: Path) -> None:
+    """Tune runs the trials on a local Ray bound to 127.0.0.1; results land in the study; ``report`` reads it."""
+    out, log = tmp_path / "run", tmp_path / "search.log"
+    search = start(search_args(out, "ray", 3, "--backend", "ray", "--cpus-per-trial", "1"), local_ray_env, log)
+    addresses: set[str] = set()
+    while search.poll() is None:
+        addresses |= _listening_addresses(search.pid)
+        time.sleep(0.5)
+    code = finish(search, log)
+    assert code == 0, log.read_text()[-4000:]
+    assert addresses and addresses <= {"127.0.0.1", "::1"}, f"Ray listened on {addresses}"
+
+    trials = trials_of(f"sqlite:///{out / 'study.db'}", "ray")
+    finished = assert_one_consistent_study(trials, 3, out)
+    assert all(t.user_attrs.get("ray_trial_id") for t in finished), "every trial ran as a Ray Tune trial"
+    report = subprocess.run([*SEARCH, "report", "--out", str(out)], cwd=REPO_ROOT, env=local_ray_env,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "Pareto frontier" in report.stdout
+    completed = [t.number for t in finished if t.state == TrialState.COMPLETE]
+    rows = [line.split("|")[1].strip() for line in report.stdout.splitlines() if line.startswith("| ")][1:]
+    assert rows and set(rows) <= {str(n) for n in completed}
