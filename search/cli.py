@@ -23,10 +23,10 @@ from search.data import DATASETS, load_data
 from search.export import export_model
 from search.files import atomic_text
 from search.models import MODELS, create_model, load_checkpoint
-from search.progress import Eta, duration, log
+from search.progress import Eta, log
 from search.report import best_row, format_table, write_report
 from search.study import (
-    CATCH, FINISHED, existing_identity, finished_count, make_objective, open_storage, open_study, seed_plans,
+    CATCH, existing_identity, finished_count, make_objective, open_storage, open_study, seed_plans,
     trial_plan,
 )
 from search.teacher import get_teacher
@@ -276,7 +276,7 @@ def finish(config: SearchConfig, study: optuna.Study, *, elapsed: float, export:
 
 def print_summary(info: dict[str, Any], pareto, out: Path) -> None:
     teacher = info["teacher"]
-    print(f"\nPareto frontier (validation accuracy chooses; MFLOPs = fvcore MACs / 1e6, gflops_torch = 2 x MACs / 1e9)")
+    print("\nPareto frontier (validation accuracy chooses; MFLOPs = fvcore MACs / 1e6, gflops_torch = 2 x MACs / 1e9)")
     print(f"teacher: val {teacher['val_accuracy']:.2%}, test {teacher['test_accuracy']:.2%}, "
           f"{teacher['mflops']:.2f} MFLOPs, {teacher['mparams']:.3f} Mparams")
     if pareto.empty:

@@ -44,11 +44,11 @@ class SearchConfig:
     trials: int = 10
     timeout: float | None = None
     finetune_steps: int = 120
-    teacher_steps: int = 400
+    teacher_steps: int = 600
     max_train_images: int | None = None
     max_eval_images: int | None = 2000
     val_images: int = 5000
-    batch_size: int = 64
+    batch_size: int = 32
     sampler: str = "tpe"
     study_name: str = ""
     storage: str | None = None

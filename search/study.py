@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +36,7 @@ HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 # How long an SQLite writer waits for another process's lock before "database is locked" (pysqlite: 5 s).
 SQLITE_TIMEOUT_SECONDS = 60
+STORAGE_ATTEMPTS = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -49,18 +52,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
     heartbeat = _env_seconds("GKPD_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
     grace = _env_seconds("GKPD_GRACE_SECONDS", GRACE_SECONDS)
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat,
-            grace_period=grace,
-            # A trial whose worker died is failed after the grace period and re-queued once.
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs=engine_kwargs,
-        )
-    except Exception as err:  # sqlalchemy raises many types here: bad scheme, no driver, refused connection
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot open storage {url!r}: {reason}") from None
+    for attempt in range(1, STORAGE_ATTEMPTS + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                # A trial whose worker died is failed after the grace period and re-queued once.
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                engine_kwargs=engine_kwargs,
+            )
+        except Exception as err:  # sqlalchemy raises many types here: bad scheme, no driver, refused connection
+            text = str(err).lower()
+            if attempt < STORAGE_ATTEMPTS and ("already exists" in text or "duplicate key" in text):
+                # Workers starting together on a new database race to create Optuna's tables (SQLAlchemy's
+                # create_all checks, then creates); the loser finds them there on the next try.
+                time.sleep(0.2 + random.random())
+                continue
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot open storage {url!r}: {reason}") from None
+    raise AssertionError("unreachable")
 
 
 def _env_seconds(name: str, default: int) -> int:
