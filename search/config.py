@@ -41,9 +41,9 @@ class SearchConfig:
     dataset: str = "fashion-mnist"
     teacher: Path | None = None
     data_dir: Path | None = None
-    trials: int = 10
+    trials: int = 12
     timeout: float | None = None
-    finetune_steps: int = 120
+    finetune_steps: int = 150
     teacher_steps: int = 600
     max_train_images: int | None = None
     max_eval_images: int | None = 2000

@@ -27,7 +27,7 @@ __all__ = [
 
 # Seeds: the knapsack allocation at the budget and at smaller budgets (they draw the frontier's lower end),
 # and the paper's uniform rule at the budget (the baseline the frontier must beat).
-SEED_LADDER = (1.0, 0.8, 0.6)
+SEED_LADDER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 # Trials that fail for these reasons are recorded as failed, with the reason, and the study goes on.
 CATCH = (FloatingPointError, torch.OutOfMemoryError)
 # A worker records a heartbeat every HEARTBEAT_SECONDS; a RUNNING trial silent for GRACE_SECONDS is failed
