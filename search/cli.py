@@ -170,7 +170,8 @@ class Prepared:
         self.device = resolve_device(config.device)
         self.data = load_data(config.dataset, data_dir=config.data_dir, val_images=config.val_images,
                               seed=config.seed, max_train_images=config.max_train_images,
-                              max_eval_images=config.max_eval_images)
+                              max_eval_images=config.max_eval_images,
+                              download=os.environ.get("GKPD_OFFLINE") != "1")
         model = create_model(config.model, in_channels=self.data.input_shape[0], num_classes=self.data.num_classes)
         if config.teacher is not None:
             load_checkpoint(model, config.teacher)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import socket
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from search.progress import duration, log
 from search.study import CATCH, finished_count, make_objective, open_study
 from search.teacher import default_cache_dir
 
-__all__ = ["run_ray", "LOCAL_RAY_ENV"]
+__all__ = ["LOCAL_RAY_ENV", "run_ray"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A local Ray binds to 127.0.0.1 only, asks for no token, and sends no usage statistics. Ray reads these at
@@ -44,30 +44,35 @@ LOCAL_RAY_ENV = {
 }
 # Our Ctrl-C handling, not Tune's: Tune's handler ends fit() quietly and we would start the next round.
 DRIVER_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+RAY_CONNECT_TIMEOUT = 10.0
 # Rounds of Tune trials in a row that finish no Optuna trial before the driver gives up.
 MAX_ROUNDS_WITHOUT_PROGRESS = 2
 
 
-def run_ray(config: SearchConfig, argv: Sequence[str] = ()) -> int:
+def run_ray(config: SearchConfig) -> int:
     start = time.perf_counter()
     if importlib.util.find_spec("ray") is None:
         raise ValueError("--backend ray needs Ray Tune: pip install 'ray[tune]' (or gkpd-search[ray])")
     config = _absolute_paths(config)  # Tune trials may run elsewhere: no path may depend on a working directory
+    head = _check_reachable(config.ray_address) if config.ray_address is not None else "127.0.0.1"
     prepared, study = prepare_study(config)  # bad input fails here; the teacher is trained once, seeds enqueued once
     storage = prepared.storage
     del prepared
-    ray = _connect(config)
+    ray = _connect(config, head)
     run_id = uuid.uuid4().hex[:8]
     already = finished_count(study)
+    interrupted = False
     try:
         _tune_rounds(config, study, run_id=run_id, start=start)
     except KeyboardInterrupt:
+        interrupted = True
         log("ray: interrupted; stopping Ray and marking this run's running trials failed")
-        ray.shutdown()
+    finally:
+        ray.shutdown()  # ends this run's trials wherever they run
+    if interrupted:
         _fail_running(study, storage, run_id, reason="interrupted (Ctrl-C)")
         finish(config, study, elapsed=time.perf_counter() - start, export=False)
         return 130
-    ray.shutdown()
     elapsed = time.perf_counter() - start
     log(f"ray: {finished_count(study) - already} trials finished in {duration(elapsed)}")
     finish(config, study, elapsed=elapsed, export=True)
@@ -88,10 +93,12 @@ def _absolute_paths(config: SearchConfig) -> SearchConfig:
     )
 
 
-def _connect(config: SearchConfig):
+def _connect(config: SearchConfig, head: str | None):
     """Start a local Ray on 127.0.0.1, or join ``--ray-address``; the trials see our code and GKPD_* settings."""
     os.environ.update(DRIVER_ENV)
-    if config.ray_address is None:
+    if head in ("127.0.0.1", "localhost", "::1"):
+        # Otherwise Ray replaces a loopback address by this machine's outward IP (and a loopback-bound head
+        # is then unreachable).
         os.environ.update(LOCAL_RAY_ENV)
     import ray
 
@@ -111,6 +118,22 @@ def _connect(config: SearchConfig):
                  num_cpus=os.cpu_count(), runtime_env=runtime_env, log_to_driver=True)
     log(f"ray: cluster resources {ray.cluster_resources()}")
     return ray
+
+
+def _check_reachable(address: str) -> str | None:
+    """The host of ``--ray-address`` after a TCP check (``ray.init`` retries an unreachable head forever)."""
+    if address in ("auto", "local"):
+        return None
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--ray-address {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise ValueError(f"--ray-address {address}: cannot reach {host}:{port} ({err}); is the Ray head "
+                         "running there (ray start --head) and the port open?") from None
+    return host
 
 
 def _slots(resources: dict[str, float], config: SearchConfig) -> int:
@@ -135,7 +158,13 @@ def _tune_rounds(config: SearchConfig, study: optuna.Study, *, run_id: str, star
     from ray import tune
 
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(_tune_trial, config=config, run_id=run_id), resources)
+    # Ray 2.x no longer hides the GPUs from a trial given none (ray-project/ray#54868): "auto" must not
+    # pick a GPU that Ray did not reserve for it.
+    trial_config = config
+    if config.device == "auto" and config.gpus_per_trial == 0:
+        trial_config = dataclasses.replace(config, device="cpu")
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, config=trial_config, run_id=run_id),
+                                    resources)
     slots = _slots(ray.cluster_resources(), config)
     stalled, round_number = 0, 0
     while True:

@@ -54,7 +54,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     grace = _env_seconds("GKPD_GRACE_SECONDS", GRACE_SECONDS)
     for attempt in range(1, STORAGE_ATTEMPTS + 1):
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url,
                 heartbeat_interval=heartbeat,
                 grace_period=grace,
@@ -62,6 +62,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
                 engine_kwargs=engine_kwargs,
             )
+            if url.startswith("sqlite:"):
+                _lock_sqlite_transactions(storage.engine)
+            return storage
         except Exception as err:  # sqlalchemy raises many types here: bad scheme, no driver, refused connection
             text = str(err).lower()
             if attempt < STORAGE_ATTEMPTS and ("already exists" in text or "duplicate key" in text):
@@ -72,6 +75,27 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"cannot open storage {url!r}: {reason}") from None
     raise AssertionError("unreachable")
+
+
+def _lock_sqlite_transactions(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    pysqlite starts no transaction before a SELECT, so Optuna's "read the WAITING trial, then set it
+    RUNNING" is not atomic on SQLite, and two workers can pop the same queued trial (PostgreSQL locks the
+    row). This is SQLAlchemy's recipe for pysqlite transactions; worker transactions are short, and
+    writers wait up to SQLITE_TIMEOUT_SECONDS for each other.
+    """
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_pysqlite_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while the storage set itself up predate the listeners
 
 
 def _env_seconds(name: str, default: int) -> int:

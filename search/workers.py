@@ -30,7 +30,7 @@ from search.config import SearchConfig
 from search.progress import duration, log
 from search.study import finished_count
 
-__all__ = ["run_distributed", "run_workers", "worker_command"]
+__all__ = ["run_distributed", "run_workers", "worker_command", "worker_env"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # After Ctrl-C, children that got it from the terminal stop within a second or two; only the ones still
@@ -45,7 +45,7 @@ def run_distributed(config: SearchConfig, argv: Sequence[str]) -> int:
     if config.backend == "ray":
         from search.ray_backend import run_ray
 
-        return run_ray(config, argv)
+        return run_ray(config)
     return run_workers(config, argv)
 
 

@@ -43,8 +43,8 @@ def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The same Prepared the workers build; a missing dataset is the only reason to skip.
     code = ("import sys; from search.cli import Prepared, parse_args, config_from_args; "
             "Prepared(config_from_args(parse_args(sys.argv[1:])))")
-    done = subprocess.run([sys.executable, "-c", code, *TINY, "--out", str(cache / "warmup")], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code, *TINY, "--out", str(cache / "warmup")], check=False,
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         if "dataset-fashion-mnist" in done.stderr:
             pytest.skip("Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
@@ -97,7 +97,7 @@ def postgres_server() -> Iterator[str]:
     log = root / "server.log"
 
     def run(*args: str) -> None:
-        done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120, cwd=root)
+        done = subprocess.run([*as_user, *args], check=False, capture_output=True, text=True, timeout=120, cwd=root)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed:\n{done.stdout}{done.stderr}"
                                + (log.read_text() if log.exists() else ""))
@@ -110,7 +110,7 @@ def postgres_server() -> Iterator[str]:
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=120, cwd=root)
+                       check=False, capture_output=True, timeout=120, cwd=root)
         shutil.rmtree(root, ignore_errors=True)
 
 
