@@ -126,7 +126,9 @@ class _KroneckerBase(nn.Module):
             return self.path
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return "factorized"  # exported graphs carry the computation whose cost we report
-        full_key = (x.device, x.dtype, self.spec, key, x.shape[0], x.is_contiguous(memory_format=torch.channels_last),
+        # Batch sizes share a timing per power of two: a last, partial batch must not trigger a new measurement.
+        batch = 1 << max(0, x.shape[0] - 1).bit_length()
+        full_key = (x.device, x.dtype, self.spec, key, batch, x.is_contiguous(memory_format=torch.channels_last),
                     torch.is_grad_enabled() and self.a.requires_grad)
         if full_key not in _AUTO_CHOICE:
             _AUTO_CHOICE[full_key] = _measure_path(x, self.a, self.b, run)
