@@ -26,7 +26,7 @@ from search.models import MODELS, create_model, load_checkpoint
 from search.progress import Eta, log
 from search.report import best_row, format_table, write_report
 from search.study import (
-    CATCH, existing_identity, finished_count, make_objective, open_storage, open_study, seed_plans,
+    CATCH, existing_identity, finished_count, requeue_interrupted_seeds, make_objective, open_storage, open_study, seed_plans,
     trial_plan,
 )
 from search.teacher import get_teacher
@@ -254,7 +254,9 @@ def run_search(config: SearchConfig) -> int:
                 raise RuntimeError(f"{failures} trials in a row failed; last: {last.user_attrs.get('fail_reason')}")
             log(f"progress: {eta(finished_count(study) - already)}")
     except KeyboardInterrupt:
-        log("search: interrupted; the running trial is marked failed, finished trials are kept")
+        requeue_interrupted_seeds(study)
+        log("search: interrupted; the running trial is marked failed (a seed plan is queued again), "
+            "finished trials are kept")
         if report:
             finish(config, study, elapsed=time.perf_counter() - start, export=False)
         return 130

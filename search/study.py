@@ -22,7 +22,7 @@ from spaces import SearchSpace
 
 __all__ = [
     "open_storage", "make_sampler", "existing_identity", "open_study", "seed_plans", "make_objective",
-    "finished_count", "rivals_of", "trial_plan", "SEED_LADDER", "CATCH",
+    "finished_count", "requeue_interrupted_seeds", "rivals_of", "trial_plan", "SEED_LADDER", "CATCH",
 ]
 
 # Seeds: the knapsack allocation at the budget and at smaller budgets (they draw the frontier's lower end),
@@ -182,6 +182,20 @@ def seed_plans(config: SearchConfig, space: SearchSpace) -> list[tuple[str, gkpd
         if all(plan != other for _, other in unique):
             unique.append((tag, plan))
     return unique
+
+
+def requeue_interrupted_seeds(study: optuna.Study) -> list[str]:
+    """Queue again each seed plan whose trial was interrupted (Ctrl-C marks it FAIL), so resuming evaluates it."""
+    trials = study.get_trials(deepcopy=False)
+    covered = {t.user_attrs.get("seed") for t in trials if t.state != TrialState.FAIL}
+    queued = []
+    for t in trials:
+        tag = t.user_attrs.get("seed")
+        if t.state == TrialState.FAIL and tag and "fail_reason" not in t.user_attrs and tag not in covered:
+            study.enqueue_trial(t.params, user_attrs={"seed": tag})
+            covered.add(tag)
+            queued.append(tag)
+    return queued
 
 
 def finished_count(study: optuna.Study) -> int:
