@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages._heartbeat import BaseHeartbeat  # not re-exported; RDBStorage implements it
 from optuna.trial import FrozenTrial, TrialState
 
 import gkpd
@@ -221,6 +222,11 @@ def make_objective(ctx: TrialContext):
     config, space = ctx.config, ctx.space
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        storage = trial.study._storage
+        if isinstance(storage, BaseHeartbeat) and storage.is_heartbeat_enabled():
+            # Optuna's heartbeat thread writes its first beat asynchronously; a worker killed before it
+            # would leave a trial that is never found stale. Beat once now, before any work.
+            storage.record_heartbeat(trial._trial_id)
         params = {name: trial.suggest_categorical(name, choices) for name, choices in space.choices().items()}
         proposed = space.plan_from_params(params)
         plan = space.repair(proposed, **config.budget)  # every trial is in budget by construction

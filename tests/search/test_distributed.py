@@ -85,7 +85,9 @@ def running_after_finished(storage: str, study: str, finished: int) -> Callable[
         except KeyError:  # the study is not created yet
             return False
         states = collections.Counter(t.state for t in trials)
-        return states[TrialState.COMPLETE] + states[TrialState.PRUNED] >= finished and states[TrialState.RUNNING] > 0
+        # A RUNNING trial with its plan recorded is inside the objective, past its first heartbeat.
+        busy = [t for t in trials if t.state == TrialState.RUNNING and "plan" in t.user_attrs]
+        return states[TrialState.COMPLETE] + states[TrialState.PRUNED] >= finished and bool(busy)
     return check
 
 
