@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages._heartbeat import BaseHeartbeat  # not re-exported; RDBStorage implements it
+from optuna.storages._heartbeat import is_heartbeat_enabled  # not re-exported by optuna.storages
 from optuna.trial import FrozenTrial, TrialState
 
 import gkpd
@@ -223,7 +223,7 @@ def make_objective(ctx: TrialContext):
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         storage = trial.study._storage
-        if isinstance(storage, BaseHeartbeat) and storage.is_heartbeat_enabled():
+        if is_heartbeat_enabled(storage):
             # Optuna's heartbeat thread writes its first beat asynchronously; a worker killed before it
             # would leave a trial that is never found stale. Beat once now, before any work.
             storage.record_heartbeat(trial._trial_id)
