@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
+
+from search.files import atomic_write
 
 __all__ = ["DATASETS", "DatasetInfo", "DataSplits", "load_data", "split_indices", "default_data_dir"]
 
@@ -77,6 +78,11 @@ def split_indices(n: int, *, val_images: int, seed: int) -> tuple[torch.Tensor, 
     return perm[val_images:], perm[:val_images]
 
 
+def _gunzip(src: Path, dst: Path) -> None:
+    with gzip.open(src, "rb") as inp, open(dst, "wb") as out:
+        shutil.copyfileobj(inp, out, length=1 << 20)
+
+
 def _install_debian_fashion_mnist(raw: Path) -> bool:
     """Decompress Debian's Fashion-MNIST .gz files into `raw`; False when the package is absent."""
     sources = [DEBIAN_FASHION_MNIST / f"{name}.gz" for name in _MNIST_FILES]
@@ -86,16 +92,8 @@ def _install_debian_fashion_mnist(raw: Path) -> bool:
     for src, name in zip(sources, _MNIST_FILES):
         if (raw / name).is_file():
             continue
-        # Write a temp file and rename it, so an interrupted run never leaves a truncated file behind.
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.")
-        try:
-            with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, length=1 << 20)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the data is not
-            os.replace(tmp, raw / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Written to a temporary file and renamed: an interrupted run never leaves a truncated file behind.
+        atomic_write(raw / name, lambda tmp, src=src: _gunzip(src, Path(tmp)))
     return True
 
 
