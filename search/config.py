@@ -41,7 +41,7 @@ class SearchConfig:
     dataset: str = "fashion-mnist"
     teacher: Path | None = None
     data_dir: Path | None = None
-    trials: int = 12
+    trials: int = 16
     timeout: float | None = None
     finetune_steps: int = 150
     teacher_steps: int = 600

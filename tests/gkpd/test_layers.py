@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -231,6 +233,34 @@ def test_auto_measures_once_per_setting_and_stays_exact(monkeypatch: pytest.Monk
     layers[0](x).sum().backward()  # training is a setting of its own
     layers[0](x[:1])  # so is another batch size
     assert calls[2:] == [((2, 8, 8, 8), True), ((1, 8, 8, 8), True)]
+
+
+def _fake_paths(seconds: dict[str, float], calls: list[tuple[str, int]]):
+    """A `run` for _measure_path whose paths take fixed times per row, recording (path, rows) per call."""
+
+    def run(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, path: str) -> torch.Tensor:
+        calls.append((path, len(x)))
+        time.sleep(seconds[path] * len(x))
+        return x.sum() * a.sum() * b.sum()
+
+    return run
+
+
+def test_auto_probe_keeps_a_far_slower_path_off_the_whole_batch() -> None:
+    calls: list[tuple[str, int]] = []
+    rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
+    run = _fake_paths({"materialized": 2e-5, "factorized": 1e-3}, calls)  # 50x apart
+    assert gkpd.layers._measure_path(rows, a, b, run) == "materialized"
+    probe = gkpd.layers.PROBE_ROWS
+    assert calls == [("materialized", probe)] * 2 + [("factorized", probe)] * 2  # warm-up + one timing each
+
+
+def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster() -> None:
+    calls: list[tuple[str, int]] = []
+    rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
+    run = _fake_paths({"materialized": 3e-4, "factorized": 1.5e-4}, calls)  # 2x apart: both go on
+    assert gkpd.layers._measure_path(rows, a, b, run, repeats=2) == "factorized"
+    assert [c for c in calls if c[1] == 64] == [("materialized", 64)] * 3 + [("factorized", 64)] * 3
 
 
 def test_set_path_and_use_path() -> None:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from search.data import DataSplits
-from search.train import _lr_at, augment_batch, distill, evaluate, recalibrate_bn, train_teacher
+from search.train import TeacherLogits, _lr_at, augment_batch, distill, evaluate, recalibrate_bn, train_teacher
 
 
 def _tiny_data(n: int = 128, *, seed: int = 0) -> DataSplits:
@@ -162,3 +162,56 @@ def test_distill_raises_on_nan_loss() -> None:
         student[5].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="training loss became nan at step 1/10"):
         distill(student, _small_net(1), _tiny_data(), steps=10, batch_size=16, lr=0.05, device="cpu", seed=0)
+
+
+class _Counting(nn.Module):
+    """Wraps a model and counts the images it has been run on."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.images = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return self.inner(x)
+
+
+def test_teacher_logits_are_the_teachers_and_each_image_runs_once() -> None:
+    data = _tiny_data()
+    teacher = _Counting(_small_net(1)).eval()
+    cache = TeacherLogits(teacher, data.train_x, device="cpu", batch_size=5)
+    idx = torch.tensor([7, 3, 7, 60, 0])
+    with torch.no_grad():
+        expected = teacher.inner(data.train_x[idx])
+    torch.testing.assert_close(cache(idx), expected, rtol=1e-5, atol=1e-6)
+    assert teacher.images == 4 and cache.cached == 4  # 7 twice in one call, computed once
+    again = torch.tensor([3, 0, 1])
+    with torch.no_grad():
+        expected = teacher.inner(data.train_x[again])  # the inner model: not counted
+    torch.testing.assert_close(cache(again), expected, rtol=1e-5, atol=1e-6)
+    assert teacher.images == 5 and cache.cached == 5  # only image 1 was new
+
+
+def test_distill_with_cached_teacher_logits_matches_distill_without() -> None:
+    data, teacher = _tiny_data(), _small_net(1)
+    plain = _small_net(2)
+    distill(plain, teacher, data, steps=12, batch_size=16, lr=0.05, device="cpu", seed=3)
+    counting = _Counting(teacher)
+    logits = TeacherLogits(counting, data.train_x, device="cpu")
+    for _ in range(2):  # the second run finds every image cached
+        student = _small_net(2)
+        distill(student, teacher, data, steps=12, batch_size=16, lr=0.05, device="cpu", seed=3, teacher_logits=logits)
+    assert counting.images == len(data.train_x)  # 12 steps of 16 cover the 64 images three times; computed once
+    for a, b in zip(plain.state_dict().values(), student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_distill_refuses_cached_logits_for_augmented_or_other_images() -> None:
+    data, teacher = _tiny_data(), _small_net(1)
+    logits = TeacherLogits(teacher, data.train_x, device="cpu")
+    with pytest.raises(ValueError, match="cannot serve augmented images"):
+        distill(_small_net(2), teacher, data, steps=2, batch_size=16, lr=0.05, device="cpu", seed=0, augment=True,
+                teacher_logits=logits)
+    other = TeacherLogits(teacher, data.train_x.clone(), device="cpu")
+    with pytest.raises(ValueError, match="other data"):
+        distill(_small_net(2), teacher, data, steps=2, batch_size=16, lr=0.05, device="cpu", seed=0, teacher_logits=other)
