@@ -198,7 +198,7 @@ class TeacherLogits:
         missing = indices[~self.known[indices]].unique()
         if len(missing):
             self.teacher.to(self.device).eval()
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: the stored logits feed autograd graphs later
                 for i in range(0, len(missing), self.batch_size):
                     chunk = missing[i:i + self.batch_size]
                     out = self.teacher(_nhwc(self.train_x[chunk].to(self.device))).float().cpu()
