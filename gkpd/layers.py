@@ -77,7 +77,7 @@ def _measure_path(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, run, *, rep
 
     with torch.set_grad_enabled(training):
         x_ = x.detach()
-        paths: tuple[Path, ...] = ("materialized", "factorized")
+        paths: tuple[Path, ...] = ("materialized", "factorized")  # the dense-like path first
         if len(x_) > PROBE_ROWS:
             probe = {path: timed(path, x_[:PROBE_ROWS], 1) for path in paths}
             paths = tuple(path for path in paths if probe[path] <= 3 * min(probe.values()))

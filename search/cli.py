@@ -26,8 +26,8 @@ from search.models import MODELS, create_model, load_checkpoint
 from search.progress import Eta, log
 from search.report import best_row, format_table, write_report
 from search.study import (
-    CATCH, existing_identity, finished_count, requeue_interrupted_seeds, make_objective, open_storage, open_study, seed_plans,
-    trial_plan,
+    CATCH, existing_identity, finished_count, make_objective, open_storage, open_study, requeue_interrupted_seeds,
+    seed_plans, trial_plan,
 )
 from search.teacher import get_teacher
 from search.train import evaluate

@@ -93,8 +93,9 @@ def _fit(
     for step, idx in enumerate(_batches(len(x), batch_size=batch_size, steps=steps, generator=generator)):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps=steps, lr=lr, warmup=warmup)
-        xb = augment_batch(x[idx.to(device)], pad=pad, hflip=hflip, generator=generator)
-        loss = loss_fn(model, _nhwc(xb), y[idx.to(device)], idx)
+        on_device = idx.to(device)
+        xb = augment_batch(x[on_device], pad=pad, hflip=hflip, generator=generator)
+        loss = loss_fn(model, _nhwc(xb), y[on_device], idx)
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {step + 1}/{steps} (lr {lr:g})")
