@@ -35,7 +35,8 @@ SETTING = ["--model", "resnet20", "--dataset", "fashion-mnist", "--budget-mflops
 def run(name: str, workers: int, trials: int, root: Path, env: dict[str, str]) -> dict[str, float]:
     import optuna
 
-    from search.study import FINISHED, open_storage
+    from search.storage import open_storage
+    from search.study import FINISHED
 
     out = root / name
     args = [*SETTING, "--trials", str(trials), "--workers", str(workers), "--out", str(out), "--study-name", name]

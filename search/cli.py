@@ -1,12 +1,16 @@
-"""``python search.py``: search, report and export. Bad input is one line on stderr and exit status 2."""
+"""``python search.py``: turn the command line into a ``SearchConfig`` and run it (``search.run``).
+
+Bad input is one line on stderr and exit status 2; a search that cannot go on (disk full, failures in a
+row, a failed export) is one line and exit status 1; Ctrl-C and SIGTERM exit 130 and 143 after the report.
+``GKPD_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import sys
-import time
 import tomllib
 import warnings
 from collections.abc import Sequence
@@ -14,33 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
-from optuna.trial import TrialState
 
-import gkpd
 from search.config import BACKENDS, SAMPLERS, SearchConfig
-from search.data import DATASETS, load_data
-from search.export import export_model
-from search.files import atomic_text
-from search.models import MODELS, create_model, load_checkpoint
-from search.progress import Eta, log
-from search.report import best_row, format_table, write_report
-from search.study import (
-    CATCH, existing_identity, finished_count, make_objective, open_storage, open_study, requeue_interrupted_seeds,
-    seed_plans, trial_plan,
+from search.data import DATASETS
+from search.models import MODELS
+from search.run import (  # Prepared and run_search: also what callers used to import from here
+    Prepared, SearchFailed, Terminated, export_run, interrupted_status, report_run, run_search,
 )
-from search.teacher import get_teacher
-from search.train import evaluate
-from search.trial import TrialContext
-from spaces import PRESETS, build_space
+from spaces import PRESETS
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "parse_args", "config_from_args", "Prepared", "run_search"]
 
 DEFAULTS = SearchConfig(budget_mflops=1.0)  # only to read the defaults for --help
-MAX_FAILURES_IN_A_ROW = 3
-RUN_FILE = "run.json"
-WORKER_ENV = "GKPD_WORKER"  # set by --workers N in its children ("i/N")
-
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
@@ -117,16 +106,34 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             doc = tomllib.loads(first.study_file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise UsageError(f"--study-file {first.study_file}: {err}") from None
-        dests = {a.dest for a in parser._actions} - {"help", "study_file"}
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "study_file")}
         defaults = {key.replace("-", "_"): value for key, value in doc.items()}
-        unknown = sorted(set(defaults) - dests)
+        unknown = sorted(set(defaults) - set(actions))
         if unknown:
-            raise UsageError(f"--study-file {first.study_file}: unknown keys {unknown}; allowed: {sorted(dests)}")
-        parser.set_defaults(**{k: Path(v) if k in _PATH_OPTIONS else v for k, v in defaults.items()})
+            raise UsageError(f"--study-file {first.study_file}: unknown keys {unknown}; allowed: {sorted(actions)}")
+        parser.set_defaults(**{key: _study_value(actions[key], value, first.study_file)
+                               for key, value in defaults.items()})
     return parser.parse_args(argv)
 
 
-_PATH_OPTIONS = {"teacher", "data_dir", "out", "cache_dir"}
+def _study_value(action: argparse.Action, value: Any, source: Path) -> Any:
+    """A study-file value as the option would parse it, or ``UsageError`` naming the key and the type wanted."""
+    key = action.dest.replace("_", "-")
+    kind = action.type or str
+    if action.nargs == "*":
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        wanted = f'a list of strings, e.g. {key} = ["a", "b"]'
+    elif kind is int:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif kind is float:
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:  # str and Path
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        raise UsageError(f"--study-file {source}: {key} must be {wanted}, got {value!r}")
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f"--study-file {source}: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return Path(value) if kind is Path else float(value) if kind is float else value
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -142,251 +149,55 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(name)
 
 
-def _sqlite_file(url: str) -> Path | None:
-    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
-
-
-class Prepared:
-    """Everything a trial needs, built once per process, in an order that rejects bad input before slow work."""
-
-    def __init__(self, config: SearchConfig) -> None:
-        self.config = config
-        # 1. The study: a resumed study must keep its model, dataset and budget. Reading it writes nothing.
-        db = _sqlite_file(config.storage_url)
-        self.storage = None
-        if db is None or db.exists():
-            self.storage = open_storage(config.storage_url)
-            from search.study import check_identity
-            check_identity(config, existing_identity(self.storage, config.study_name))
-        # 2. Data and model: unknown names and missing files fail here, in seconds.
-        self.device = resolve_device(config.device)
-        self.data = load_data(config.dataset, data_dir=config.data_dir, val_images=config.val_images,
-                              seed=config.seed, max_train_images=config.max_train_images,
-                              max_eval_images=config.max_eval_images,
-                              download=os.environ.get("GKPD_OFFLINE") != "1")
-        model = create_model(config.model, in_channels=self.data.input_shape[0], num_classes=self.data.num_classes)
-        if config.teacher is not None:
-            load_checkpoint(model, config.teacher)
-        # 3. The budget, on the instant analytic cost table (costs do not depend on the weights' values).
-        space = build_space(model, self.data.input_shape, preset=config.preset, skip=config.skip)
-        space.check_budget(**config.budget)
-        # 4. Slow work: the teacher (trained once and cached when not given) and its space.
-        self.teacher, self.teacher_source = get_teacher(config, self.data, self.device)
-        self.space = build_space(self.teacher, self.data.input_shape, preset=config.preset, skip=config.skip)
-        if self.storage is None:
-            config.out.mkdir(parents=True, exist_ok=True)
-            self.storage = open_storage(config.storage_url)
-        self.ctx = TrialContext(config, self.data, self.teacher, self.space, self.device)
-
-    def teacher_summary(self) -> dict[str, float]:
-        base = self.space.baseline_cost()
-        return {
-            "val_accuracy": evaluate(self.teacher, self.data.val_x, self.data.val_y, device=self.device),
-            "test_accuracy": evaluate(self.teacher, self.data.test_x, self.data.test_y, device=self.device),
-            "mflops": base.mflops, "mparams": base.mparams,
-        }
-
-
-def _run_info(config: SearchConfig, prepared: Prepared, teacher: dict[str, float]) -> dict[str, Any]:
-    return {
-        "study_name": config.study_name, "model": config.model, "dataset": config.dataset,
-        "input_shape": list(prepared.data.input_shape), "num_classes": prepared.data.num_classes,
-        "objective": config.objective, "budget": config.budget, "teacher": teacher,
-        "teacher_source": prepared.teacher_source, "preset": config.preset, "skip": list(config.skip),
-    }
-
-
-def prepare_study(config: SearchConfig) -> tuple[Prepared, optuna.Study]:
-    """Validate, build (or load) the teacher and space, and create the study with its seeds, or join it."""
-    prepared = Prepared(config)
-    space = prepared.space
-    seeds = [(tag, space.params_from_plan(plan)) for tag, plan in seed_plans(config, space)]
-    study = open_study(config, prepared.storage, seeds)
-    if "run" not in study.user_attrs:
-        teacher = prepared.teacher_summary()
-        log(f"teacher: val {teacher['val_accuracy']:.2%}, test {teacher['test_accuracy']:.2%}, "
-            f"{teacher['mflops']:.2f} MFLOPs, {teacher['mparams']:.3f} Mparams")
-        study.set_user_attr("run", _run_info(config, prepared, teacher))
-    config.out.mkdir(parents=True, exist_ok=True)
-    atomic_text(config.out / RUN_FILE, json.dumps({"storage": config.storage_url, "study_name": config.study_name}) + "\n")
-    return prepared, study
-
-
-def run_search(config: SearchConfig) -> int:
-    start = time.perf_counter()
-    prepared, study = prepare_study(config)
-    # A child of --workers N only runs trials: its parent writes the report and export once, at the end.
-    report = not os.environ.get(WORKER_ENV)
-
-    objective = make_objective(prepared.ctx)
-    already = finished_count(study)
-    eta = Eta(max(0, config.trials - already), config.timeout)
-    log(f"search: {already} finished trials in the study, target {config.trials}; budget "
-        + ", ".join(f"{v:g} {k}" for k, v in config.budget.items()) + f"; out {config.out}")
-    failures = 0
-    try:
-        while True:
-            done = finished_count(study)
-            if done >= config.trials:
-                break
-            if config.timeout is not None and time.perf_counter() - start > config.timeout:
-                log(f"search: --timeout {config.timeout:g}s reached")
-                break
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if done + running >= config.trials:
-                # Others are finishing the last trials; wait, failing any whose worker died (no heartbeat).
-                optuna.storages.fail_stale_trials(study)
-                time.sleep(2)
-                continue
-            ran: list[optuna.trial.FrozenTrial] = []  # this worker's trial (others may have started later ones)
-            study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[lambda _, trial: ran.append(trial)])
-            last = ran[-1]
-            failures = failures + 1 if last.state == TrialState.FAIL else 0
-            if failures >= MAX_FAILURES_IN_A_ROW:
-                raise RuntimeError(f"{failures} trials in a row failed; last: {last.user_attrs.get('fail_reason')}")
-            log(f"progress: {eta(finished_count(study) - already)}")
-    except KeyboardInterrupt:
-        requeue_interrupted_seeds(study)
-        log("search: interrupted; the running trial is marked failed (a seed plan is queued again), "
-            "finished trials are kept")
-        if report:
-            finish(config, study, elapsed=time.perf_counter() - start, export=False)
-        return 130
-    if report:
-        finish(config, study, elapsed=time.perf_counter() - start, export=True, prepared=prepared)
-    return 0
-
-
-def finish(config: SearchConfig, study: optuna.Study, *, elapsed: float, export: bool,
-           prepared: Prepared | None = None) -> None:
-    info = study.user_attrs["run"]
-    budget = info["budget"].get(info["objective"])
-    trials, pareto = write_report(study, config.out, objective=info["objective"], budget=budget,
-                                  teacher=info["teacher"], run={**info, "elapsed": elapsed})
-    print_summary(info, pareto, config.out)
-    best = best_row(pareto)
-    if export and best is not None:
-        do_export(study, info, config.out, int(best.trial))
-
-
-def print_summary(info: dict[str, Any], pareto, out: Path) -> None:
-    teacher = info["teacher"]
-    print("\nPareto frontier (validation accuracy chooses; MFLOPs = fvcore MACs / 1e6, gflops_torch = 2 x MACs / 1e9)")
-    print(f"teacher: val {teacher['val_accuracy']:.2%}, test {teacher['test_accuracy']:.2%}, "
-          f"{teacher['mflops']:.2f} MFLOPs, {teacher['mparams']:.3f} Mparams")
-    if pareto.empty:
-        print("no completed in-budget trial yet")
-    else:
-        print(format_table(pareto, ["trial", "seed", "val_accuracy", "test_accuracy", "mflops", "gflops_torch",
-                                    "mparams", "flops_ratio", "params_ratio"]))
-    print(f"\nrun directory: {out}  (trials.csv, pareto.csv, pareto.png, report.md, best/)")
-
-
-def do_export(study: optuna.Study, info: dict[str, Any], out: Path, number: int) -> None:
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if number not in trials:
-        raise UsageError(f"--trial {number}: no such trial; the study has trials 0..{len(trials) - 1}")
-    trial = trials[number]
-    if trial.state != TrialState.COMPLETE:
-        raise UsageError(f"--trial {number} is {trial.state.name}, not COMPLETE; only completed trials export")
-    checkpoint = Path(trial.user_attrs.get("checkpoint", out / "checkpoints" / f"trial-{number}.pt"))
-    if not checkpoint.exists():
-        raise UsageError(f"checkpoint of trial {number} not found at {checkpoint} (it is written by the worker that "
-                         "ran the trial: copy it there, or point --out at that run directory)")
-    plan = trial_plan(trial)
-    base = create_model(info["model"], in_channels=info["input_shape"][0], num_classes=info["num_classes"])
-    model = gkpd.kroneckerize(base, plan)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    mflops = gkpd.count_mflops(model, info["input_shape"])
-    meta = {
-        "trial": number, "study_name": info["study_name"], "model": info["model"], "dataset": info["dataset"],
-        "input_shape": info["input_shape"], "num_classes": info["num_classes"],
-        "val_accuracy": trial.values[0], "test_accuracy": trial.user_attrs.get("test_accuracy"),
-        "mflops": mflops, "mparams": gkpd.count_params(model) / 1e6, "budget": info["budget"],
-        "unit": "mflops = fvcore MACs / 1e6",
-    }
-    summary = export_model(model, plan, out / "best", input_shape=info["input_shape"], meta=meta)
-    log(f"export: trial {number} -> {out / 'best'} (plan.json, model.pt, model.onnx; "
-        f"onnxruntime max |diff| {summary['onnx_max_abs_diff']:.2e})")
-
-
-def _open_run(argv: Sequence[str], command: str) -> tuple[argparse.Namespace, optuna.Study, dict[str, Any]]:
+def _run_parser(command: str) -> _Parser:
     p = _Parser(prog=f"search.py {command}")
     p.add_argument("--out", type=Path, required=True, help="the run directory of a search")
     p.add_argument("--storage", help="default: the storage recorded in OUT/run.json")
     p.add_argument("--study-name", help="default: the study recorded in OUT/run.json")
     if command == "export":
         p.add_argument("--trial", type=int, help="trial number to export (default: the best in-budget trial)")
-    args = p.parse_args(argv)
-    recorded: dict[str, Any] = {}
-    if (args.out / RUN_FILE).exists():
-        recorded = json.loads((args.out / RUN_FILE).read_text())
-    elif not (args.storage and args.study_name):
-        raise UsageError(f"--out {args.out}: no {RUN_FILE} there; give the run directory of a search, "
-                         "or --storage and --study-name")
-    storage_url, name = args.storage or recorded["storage"], args.study_name or recorded["study_name"]
-    storage = open_storage(storage_url)
-    if existing_identity(storage, name) is None:
-        raise UsageError(f"no study {name!r} in {storage_url}")
-    study = optuna.load_study(study_name=name, storage=storage)
-    if "run" not in study.user_attrs:
-        raise UsageError(f"study {name!r} has no finished setup yet (no teacher summary); run the search first")
-    return args, study, study.user_attrs["run"]
+    return p
 
 
-def run_report(argv: Sequence[str]) -> int:
-    args, study, info = _open_run(argv, "report")
-    budget = info["budget"].get(info["objective"])
-    _, pareto = write_report(study, args.out, objective=info["objective"], budget=budget, teacher=info["teacher"],
-                             run=info)
-    print_summary(info, pareto, args.out)
-    return 0
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
 
 
-def run_export(argv: Sequence[str]) -> int:
-    args, study, info = _open_run(argv, "export")
-    number = args.trial
-    if number is None:
-        budget = info["budget"].get(info["objective"])
-        _, pareto = write_report(study, args.out, objective=info["objective"], budget=budget,
-                                 teacher=info["teacher"], run=info)
-        best = best_row(pareto)
-        if best is None:
-            raise UsageError("no completed in-budget trial to export yet")
-        number = int(best.trial)
-    do_export(study, info, args.out, number)
-    return 0
+def run(argv: Sequence[str]) -> int:
+    """The exit status of ``search.py argv``; errors propagate as exceptions."""
+    if argv[:1] in (["report"], ["export"]):
+        args = _run_parser(argv[0]).parse_args(argv[1:])
+        if argv[0] == "report":
+            return report_run(args.out, storage=args.storage, study_name=args.study_name)
+        return export_run(args.out, storage=args.storage, study_name=args.study_name, trial=args.trial)
+    config = config_from_args(parse_args(argv))
+    if config.workers > 1 or config.backend == "ray":
+        from search.workers import run_distributed
+        return run_distributed(config, argv)
+    return run_search(config)
+
+
+USER_ERRORS = (UsageError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, NotImplementedError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Optuna flags heartbeats, constant_liar and metric names as experimental; they are what we rely on.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    signal.signal(signal.SIGTERM, _terminate)  # a batch system's kill is Ctrl-C: trial failed, report written
     try:
-        if argv[:1] == ["report"]:
-            code = run_report(argv[1:])
-        elif argv[:1] == ["export"]:
-            code = run_export(argv[1:])
-        else:
-            args = parse_args(argv)
-            config = config_from_args(args)
-            if config.workers > 1 or config.backend == "ray":
-                from search.workers import run_distributed
-                code = run_distributed(config, argv)
-            else:
-                code = run_search(config)
-    except (UsageError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as err:
+        code = run(argv)
+    except (*USER_ERRORS, SearchFailed, OSError, KeyboardInterrupt) as err:
         if os.environ.get("GKPD_DEBUG"):
             raise
+        if isinstance(err, KeyboardInterrupt):  # before the search loop (data, teacher): nothing to mark
+            print("search.py: interrupted", file=sys.stderr)
+            sys.exit(interrupted_status(err))
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, OSError) and not isinstance(err, USER_ERRORS) and err.strerror:
+            message = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
         print(f"search.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(err, USER_ERRORS) else 1)
     sys.exit(code)

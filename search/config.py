@@ -114,10 +114,15 @@ class SearchConfig:
         return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
 
     def identity(self) -> dict[str, Any]:
-        """What a resumed study must share with the run that created it."""
+        """The settings a resumed or joined study must share with the run that created it: what defines the
+        space (model, dataset, budget, preset, skip list) and how a trial is evaluated (data split, fine-tune
+        length, batch size, seed). The teacher and the space themselves are added by ``search.study``."""
         return {
             "model": self.model, "dataset": self.dataset, "budget_mflops": self.budget_mflops,
             "budget_mparams": self.budget_mparams, "preset": self.preset, "skip": list(self.skip),
+            "finetune_steps": self.finetune_steps, "batch_size": self.batch_size, "seed": self.seed,
+            "max_train_images": self.max_train_images, "max_eval_images": self.max_eval_images,
+            "val_images": self.val_images,
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import gkpd
+from search.files import unique_dir
 
 __all__ = ["export_model", "export_onnx", "load_exported"]
 
@@ -47,19 +47,27 @@ def export_model(
     input_shape: Sequence[int],
     meta: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Write ``out_dir/{plan.json, model.pt, model.onnx, export.json}``, replacing an older export only when complete."""
+    """Write ``out_dir/{plan.json, model.pt, model.onnx, export.json}``, replacing an older export as a whole.
+
+    A failed ONNX export does not lose the rest: ``out_dir`` then holds plan.json, model.pt and export.json
+    (no model.onnx), and the summary's ``onnx_error`` says why.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    tmp = unique_dir(out_dir.parent, prefix=f".{out_dir.name}-")
     try:
         gkpd.save_plan(plan, tmp / "plan.json", meta=meta)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
-        onnx_diff = export_onnx(model, input_shape, tmp / "model.onnx")
-        if not onnx_diff < 1e-3:
-            raise RuntimeError(f"onnxruntime disagrees with PyTorch on the exported model (max |diff| {onnx_diff:.3g})")
-        summary = {**meta, "onnx_max_abs_diff": onnx_diff, "files": ["plan.json", "model.pt", "model.onnx"]}
+        summary = {**meta, "files": ["plan.json", "model.pt"]}
+        try:
+            onnx_diff = export_onnx(model, input_shape, tmp / "model.onnx")
+            if not onnx_diff < 1e-3:
+                raise RuntimeError(f"onnxruntime disagrees with PyTorch (max |diff| {onnx_diff:.3g})")
+            summary.update(onnx_max_abs_diff=onnx_diff, files=[*summary["files"], "model.onnx"])
+        except Exception as err:  # the exporter and onnxruntime raise many types; the other files stand
+            (tmp / "model.onnx").unlink(missing_ok=True)
+            summary["onnx_error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
         (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes 0700
         # Swap in the new export; an older one is removed only once the new one is complete.
         old = None
         if out_dir.exists():

@@ -26,10 +26,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search.cli import finish, prepare_study
 from search.config import SearchConfig
 from search.progress import duration, log
-from search.study import CATCH, finished_count, make_objective, open_study
+from search.run import SearchFailed, finish, interrupted_status, join_prepared, prepare_study
+from search.storage import is_local_file, redact
+from search.study import finished_count, make_objective, run_one
 from search.teacher import default_cache_dir
 
 __all__ = ["LOCAL_RAY_ENV", "run_ray"]
@@ -61,18 +62,24 @@ def run_ray(config: SearchConfig) -> int:
     ray = _connect(config, head)
     run_id = uuid.uuid4().hex[:8]
     already = finished_count(study)
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
+    failed: SearchFailed | None = None
     try:
+        _check_shared_storage(config, len([node for node in ray.nodes() if node.get("Alive")]))
         _tune_rounds(config, study, run_id=run_id, start=start)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as stop:
+        interrupted = stop
         log("ray: interrupted; stopping Ray and marking this run's running trials failed")
+    except SearchFailed as err:
+        failed = err
     finally:
         ray.shutdown()  # ends this run's trials wherever they run
-    if interrupted:
-        _fail_running(study, storage, run_id, reason="interrupted (Ctrl-C)")
+    if interrupted is not None or failed is not None:
+        _fail_running(study, storage, run_id, reason="interrupted" if interrupted is not None else str(failed))
         finish(config, study, elapsed=time.perf_counter() - start, export=False)
-        return 130
+        if failed is not None:
+            raise failed
+        return interrupted_status(interrupted)
     elapsed = time.perf_counter() - start
     log(f"ray: {finished_count(study) - already} trials finished in {duration(elapsed)}")
     finish(config, study, elapsed=elapsed, export=True)
@@ -91,6 +98,13 @@ def _absolute_paths(config: SearchConfig) -> SearchConfig:
         config, out=absolute(config.out), teacher=absolute(config.teacher), data_dir=absolute(config.data_dir),
         cache_dir=absolute(config.cache_dir or default_cache_dir() / "teachers"), storage=storage,
     )
+
+
+def _check_shared_storage(config: SearchConfig, nodes: int) -> None:
+    """A storage that is a file on this machine cannot be shared by Tune trials on other machines."""
+    if nodes > 1 and is_local_file(config.storage_url):
+        raise ValueError(f"--storage {redact(config.storage_url)} is a file on this machine, but the Ray cluster "
+                         f"has {nodes} nodes whose trials must all reach it: use --storage postgresql://...")
 
 
 def _connect(config: SearchConfig, head: str | None):
@@ -205,8 +219,9 @@ def _tune_rounds(config: SearchConfig, study: optuna.Study, *, run_id: str, star
         if stalled >= MAX_ROUNDS_WITHOUT_PROGRESS:
             failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
             reason = failed[-1].user_attrs.get("fail_reason") if failed else None
-            raise RuntimeError(f"{stalled} rounds of Ray trials finished no trial; last failure: "
-                               f"{reason or (errors[-1] if errors else 'unknown')}")
+            if reason is None and errors:
+                reason = (str(errors[-1]).strip().splitlines() or [type(errors[-1]).__name__])[-1]
+            raise SearchFailed(f"{stalled} rounds of Ray trials finished no trial; last failure: {reason or 'unknown'}")
 
 
 _PREPARED: dict[SearchConfig, Any] = {}
@@ -217,14 +232,12 @@ def _tune_trial(_: dict, *, config: SearchConfig, run_id: str) -> None:
     import torch
     from ray import tune
 
-    from search.cli import Prepared
-
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # as main() does
     torch.set_num_threads(max(1, round(config.cpus_per_trial)))
     if config not in _PREPARED:  # once per worker process: Tune reuses actors between trials
-        _PREPARED[config] = Prepared(config)
-    prepared = _PREPARED[config]
-    study = open_study(config, prepared.storage, seeds=())
+        # Join only: a node that cannot see the driver's storage must fail, not start a private study.
+        _PREPARED[config] = join_prepared(config)
+    prepared, study = _PREPARED[config]
     objective = make_objective(prepared.ctx)
     tune_trial_id = tune.get_context().get_trial_id()
 
@@ -233,9 +246,7 @@ def _tune_trial(_: dict, *, config: SearchConfig, run_id: str) -> None:
         trial.set_user_attr("ray_run", run_id)
         return objective(trial)
 
-    ran: list[optuna.trial.FrozenTrial] = []
-    study.optimize(objective_on_ray, n_trials=1, catch=CATCH, callbacks=[lambda _, trial: ran.append(trial)])
-    trial = ran[-1]
+    trial = run_one(study, objective_on_ray)
     metrics: dict[str, Any] = {"optuna_trial": trial.number, "optuna_state": trial.state.name}
     if trial.values is not None:
         metrics["val_accuracy"], metrics[config.objective] = trial.values

@@ -41,9 +41,15 @@ def trials_frame(study: optuna.Study, *, baseline: dict[str, float]) -> pd.DataF
             "feasible": all(c <= 0 for c in t.constraints.values()) if t.state == TrialState.COMPLETE else None,
             "layers_decomposed": len(attrs.get("plan", {})),
             "seconds": round(attrs["seconds"], 1) if "seconds" in attrs else None,
-            "note": attrs.get("stopped") or attrs.get("fail_reason") or "",
+            "note": attrs.get("stopped") or attrs.get("fail_reason") or _repair_note(attrs),
         })
     return pd.DataFrame(rows)
+
+
+def _repair_note(attrs: dict[str, Any]) -> str:
+    if attrs.get("over_budget"):
+        return "proposal over budget, not evaluated: its repaired plan was queued"
+    return f"repaired proposal of trial {attrs['repair_of']}" if "repair_of" in attrs else ""
 
 
 def pareto_frame(trials: pd.DataFrame, *, objective: str) -> pd.DataFrame:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import random
+import re
 import socket
-import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -18,12 +20,13 @@ from optuna.trial import FrozenTrial, TrialState
 import gkpd
 from search.config import SearchConfig
 from search.progress import log
-from search.trial import Hopeless, Rival, TrialContext, run_trial
+from search.trial import FINETUNE_LR, Hopeless, Rival, TrialContext, run_trial
 from spaces import SearchSpace
 
 __all__ = [
-    "open_storage", "make_sampler", "existing_identity", "open_study", "seed_plans", "make_objective",
-    "finished_count", "requeue_interrupted_seeds", "rivals_of", "trial_plan", "SEED_LADDER", "CATCH",
+    "make_sampler", "existing_identity", "check_identity", "study_identity", "space_digest", "open_study",
+    "join_study", "seed_plans", "make_objective", "run_one", "finished_count", "requeue_interrupted_seeds",
+    "rivals_of", "trial_plan", "checkpoint_file", "file_digest", "SEED_LADDER", "CATCH", "OVER_BUDGET",
 ]
 
 # Seeds: the knapsack allocation at the budget and at smaller budgets (they draw the frontier's lower end),
@@ -31,81 +34,12 @@ __all__ = [
 SEED_LADDER = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
 # Trials that fail for these reasons are recorded as failed, with the reason, and the study goes on.
 CATCH = (FloatingPointError, torch.OutOfMemoryError)
-# A worker records a heartbeat every HEARTBEAT_SECONDS; a RUNNING trial silent for GRACE_SECONDS is failed
-# (and re-queued once). $GKPD_HEARTBEAT_SECONDS / $GKPD_GRACE_SECONDS override them (tests use 1 s / 5 s).
-HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 120
-# How long an SQLite writer waits for another process's lock before "database is locked" (pysqlite: 5 s).
-SQLITE_TIMEOUT_SECONDS = 60
-STORAGE_ATTEMPTS = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage with heartbeats, so a killed worker's trial is failed instead of RUNNING forever."""
-    if url.startswith("journal:"):
-        path = url.removeprefix("journal:")
-        backend = optuna.storages.journal.JournalFileBackend(path)
-        return optuna.storages.JournalStorage(backend)
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite:"):
-        # Several worker processes (--workers N) share one SQLite file; wait for a lock instead of failing.
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
-    heartbeat = _env_seconds("GKPD_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
-    grace = _env_seconds("GKPD_GRACE_SECONDS", GRACE_SECONDS)
-    for attempt in range(1, STORAGE_ATTEMPTS + 1):
-        try:
-            storage = optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat,
-                grace_period=grace,
-                # A trial whose worker died is failed after the grace period and re-queued once.
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-                engine_kwargs=engine_kwargs,
-            )
-            if url.startswith("sqlite:"):
-                _lock_sqlite_transactions(storage.engine)
-            return storage
-        except Exception as err:  # sqlalchemy raises many types here: bad scheme, no driver, refused connection
-            text = str(err).lower()
-            if attempt < STORAGE_ATTEMPTS and ("already exists" in text or "duplicate key" in text):
-                # Workers starting together on a new database race to create Optuna's tables (SQLAlchemy's
-                # create_all checks, then creates); the loser finds them there on the next try.
-                time.sleep(0.2 + random.random())
-                continue
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"cannot open storage {url!r}: {reason}") from None
-    raise AssertionError("unreachable")
-
-
-def _lock_sqlite_transactions(engine: Any) -> None:
-    """Make every SQLite transaction take the write lock when it begins (``BEGIN IMMEDIATE``).
-
-    pysqlite starts no transaction before a SELECT, so Optuna's "read the WAITING trial, then set it
-    RUNNING" is not atomic on SQLite, and two workers can pop the same queued trial (PostgreSQL locks the
-    row). This is SQLAlchemy's recipe for pysqlite transactions; worker transactions are short, and
-    writers wait up to SQLITE_TIMEOUT_SECONDS for each other.
-    """
-    import sqlalchemy
-
-    @sqlalchemy.event.listens_for(engine, "connect")
-    def _no_pysqlite_transactions(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @sqlalchemy.event.listens_for(engine, "begin")
-    def _begin_immediate(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened while the storage set itself up predate the listeners
-
-
-def _env_seconds(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"${name} must be a whole number of seconds >= 1, got {value!r}")
-    return int(value)
+# User attribute of a sampler's proposal that was over budget: it is not evaluated (its repaired plan is, as
+# a trial of its own), so it counts as no finished trial.
+OVER_BUDGET = "over_budget"
+# Proposals over budget in a row (each queues its repaired plan) before run_one returns without an evaluation.
+MAX_PROPOSALS = 8
 
 
 def make_sampler(config: SearchConfig, *, startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -128,19 +62,33 @@ def existing_identity(storage: optuna.storages.BaseStorage, study_name: str) -> 
     return storage.get_study_user_attrs(study_id).get("identity", {})
 
 
-def check_identity(config: SearchConfig, found: dict[str, Any] | None) -> None:
+def space_digest(space: SearchSpace) -> str:
+    """sha256 of every layer's choice list: the categorical distributions every trial of a study must share."""
+    return hashlib.sha256(json.dumps(space.choices(), sort_keys=True).encode()).hexdigest()
+
+
+def study_identity(config: SearchConfig, *, teacher: str, space: SearchSpace) -> dict[str, Any]:
+    """Everything a trial's result depends on: the settings, the fine-tune rate, the teacher and the space."""
+    return {**config.identity(), "finetune_lr": FINETUNE_LR, "teacher_sha256": teacher,
+            "space_sha256": space_digest(space)}
+
+
+def check_identity(wanted: dict[str, Any], found: dict[str, Any] | None, study_name: str) -> None:
+    """``ValueError`` naming each difference. Keys a study recorded are checked; ``wanted`` may be partial
+    (before the teacher exists), and a study from an older version lacks the newer keys."""
     if found is None:
         return
-    wanted = config.identity()
-    diffs = [f"{key} {found.get(key)!r} (this run: {wanted[key]!r})" for key in wanted if found.get(key) != wanted[key]]
+    diffs = [f"{key} {found[key]!r} (this run: {wanted[key]!r})" for key in wanted
+             if key in found and found[key] != wanted[key]]
     if diffs:
-        raise ValueError(f"study {config.study_name!r} was created with {', '.join(diffs)}; "
+        raise ValueError(f"study {study_name!r} was created with {', '.join(diffs)}; "
                          "use the same settings to resume it, or another --study-name")
 
 
-def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds: Sequence[tuple[str, dict]]) -> optuna.Study:
+def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds: Sequence[tuple[str, dict]], *,
+               identity: dict[str, Any]) -> optuna.Study:
     """Create the study (enqueueing the seeds once) or load it to resume; refuse a different identity."""
-    check_identity(config, existing_identity(storage, config.study_name))
+    check_identity(identity, existing_identity(storage, config.study_name), config.study_name)
     optuna.logging.set_verbosity(logging.WARNING)
     sampler = make_sampler(config, startup_trials=len(seeds) + 2)
     try:
@@ -148,17 +96,29 @@ def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds
                                     directions=["maximize", "minimize"])
     except optuna.exceptions.DuplicatedStudyError:
         # Another worker (or an earlier run) created it: resume, never re-seed.
-        study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler)
-        check_identity(config, study.user_attrs.get("identity", {}))
-        # Workers joining one study must not replay the same --seed random stream (the sampler's startup
-        # phase would propose the same plans in every worker); --seed still fixes the data split and teacher.
-        sampler.reseed_rng()
-        return study
+        return join_study(config, storage, identity=identity, sampler=sampler)
     study.set_metric_names(["val_accuracy", config.objective])
-    study.set_user_attr("identity", config.identity())
+    study.set_user_attr("identity", identity)
     for tag, params in seeds:
         study.enqueue_trial(params, user_attrs={"seed": tag})
     log(f"study {config.study_name!r}: created with {len(seeds)} seed plans ({', '.join(t for t, _ in seeds)})")
+    return study
+
+
+def join_study(config: SearchConfig, storage: optuna.storages.BaseStorage, *, identity: dict[str, Any],
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """Load an existing study (never create one) and check its identity."""
+    optuna.logging.set_verbosity(logging.WARNING)
+    sampler = sampler or make_sampler(config, startup_trials=2)
+    try:
+        study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler)
+    except KeyError:
+        raise ValueError(f"no study {config.study_name!r} in this storage; a worker joins a study that the "
+                         "driver created, so every worker must reach the same --storage") from None
+    check_identity(identity, study.user_attrs.get("identity", {}), config.study_name)
+    # Workers joining one study must not replay the same --seed random stream (the sampler's startup
+    # phase would propose the same plans in every worker); --seed still fixes the data split and teacher.
+    sampler.reseed_rng()
     return study
 
 
@@ -200,7 +160,18 @@ def requeue_interrupted_seeds(study: optuna.Study) -> list[str]:
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Trials that evaluated a plan to the end or were stopped by the rule (over-budget proposals are neither)."""
+    return sum(not t.user_attrs.get(OVER_BUDGET) for t in study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_one(study: optuna.Study, objective: Any) -> FrozenTrial:
+    """Run trials until one evaluates a plan (a proposal over budget only queues its repaired plan); return it."""
+    for _ in range(MAX_PROPOSALS):
+        ran: list[FrozenTrial] = []  # this worker's trial (others may have started later ones)
+        study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[lambda _, trial: ran.append(trial)])
+        if not ran[-1].user_attrs.get(OVER_BUDGET):
+            break
+    return ran[-1]
 
 
 def rivals_of(study: optuna.Study) -> list[Rival]:
@@ -217,6 +188,23 @@ def trial_plan(trial: FrozenTrial) -> gkpd.Plan:
                                 "layers": trial.user_attrs["plan"]}, source=f"trial {trial.number}")
 
 
+def checkpoint_file(study_name: str, number: int) -> Path:
+    """Where trial ``number``'s weights go, relative to the run directory: one folder per study, so that
+    studies sharing a run directory never overwrite each other's trials."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", study_name)
+    if safe != study_name:  # two names that map to one folder must not collide
+        safe += "-" + hashlib.sha256(study_name.encode()).hexdigest()[:8]
+    return Path("checkpoints") / safe / f"trial-{number}.pt"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def make_objective(ctx: TrialContext):
     """The Optuna objective: (validation accuracy up, MFLOPs or Mparams down), budget as a constraint."""
     config, space = ctx.config, ctx.space
@@ -229,18 +217,28 @@ def make_objective(ctx: TrialContext):
             storage.record_heartbeat(trial._trial_id)
         params = {name: trial.suggest_categorical(name, choices) for name, choices in space.choices().items()}
         proposed = space.plan_from_params(params)
-        plan = space.repair(proposed, **config.budget)  # every trial is in budget by construction
-        cost = space.cost(plan)
-        trial.set_user_attr("plan", gkpd.plan_to_dict(plan)["layers"])
-        trial.set_user_attr("repaired", plan != proposed)
+        plan = space.repair(proposed, **config.budget)  # every evaluated plan is in budget by construction
+        cost = space.cost(proposed)
+        # The constraints are the proposal's: an over-budget proposal is what the sampler must learn to avoid.
         for key, budget in config.budget.items():
             trial.set_constraint(key, getattr(cost, key) - budget)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (logs, tests)
-        seed_tag = trial.user_attrs.get("seed")
-        label = f"trial {trial.number}" + (f" [{seed_tag}]" if seed_tag else "")
-        checkpoint = config.out / "checkpoints" / f"trial-{trial.number}.pt"
+        if plan != proposed:
+            # The sampler is told only what ran: this proposal ends unevaluated and infeasible (TPE and NSGA-II
+            # rank it by its violation), and the repaired plan is evaluated as a trial of its own, whose
+            # parameters are that plan.
+            trial.set_user_attr(OVER_BUDGET, True)
+            trial.study.enqueue_trial(space.params_from_plan(plan), user_attrs={"repair_of": trial.number})
+            log(f"trial {trial.number}: proposal over budget ({cost}); its repaired plan is queued")
+            raise optuna.TrialPruned("over budget; repaired plan queued")
+        trial.set_user_attr("plan", gkpd.plan_to_dict(plan)["layers"])
+        tag = trial.user_attrs.get("seed") or (f"repair of {trial.user_attrs['repair_of']}"
+                                               if "repair_of" in trial.user_attrs else "")
+        label = f"trial {trial.number}" + (f" [{tag}]" if tag else "")
+        checkpoint = checkpoint_file(trial.study.study_name, trial.number)
         try:
-            result = run_trial(ctx, plan, label=label, rivals=lambda: rivals_of(trial.study), checkpoint=checkpoint,
+            result = run_trial(ctx, plan, label=label, rivals=lambda: rivals_of(trial.study),
+                               checkpoint=config.out / checkpoint,
                                seed=config.seed,  # the same batches for every trial: see run_trial
                                on_screen=lambda acc: trial.set_user_attr("screen_accuracy", acc))
         except Hopeless as stop:
@@ -253,7 +251,8 @@ def make_objective(ctx: TrialContext):
             raise
         for key, value in {"test_accuracy": result.test_accuracy, "mflops": result.mflops,
                            "mparams": result.mparams, "finetune_steps": result.finetune_steps,
-                           "seconds": result.seconds, "checkpoint": str(checkpoint)}.items():
+                           "seconds": result.seconds, "checkpoint": checkpoint.as_posix(),
+                           "checkpoint_sha256": file_digest(config.out / checkpoint)}.items():
             trial.set_user_attr(key, value)
         return result.val_accuracy, result.mflops if config.objective == "mflops" else result.mparams
 

@@ -19,7 +19,7 @@ from search.models import create_model, load_checkpoint
 from search.progress import log
 from search.train import evaluate, train_teacher
 
-__all__ = ["default_cache_dir", "teacher_cache_path", "get_teacher"]
+__all__ = ["default_cache_dir", "teacher_cache_path", "find_teacher", "load_teacher", "teacher_digest", "get_teacher"]
 
 TEACHER_LR = 0.05  # batch 32 x 600 steps: 88.5% test on Fashion-MNIST (0.1 gave 87.1%)
 
@@ -39,6 +39,31 @@ def teacher_cache_path(config: SearchConfig) -> Path:
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     name = f"{config.model}-{config.dataset}".replace(":", "-").replace("/", "-")
     return (config.cache_dir or default_cache_dir() / "teachers") / f"{name}-{digest}.pt"
+
+
+def find_teacher(config: SearchConfig) -> Path | None:
+    """The teacher's weights if they exist without training: ``--teacher``, or the cached file of this recipe."""
+    if config.teacher is not None:
+        return config.teacher
+    path = teacher_cache_path(config)
+    return path if path.is_file() else None
+
+
+def load_teacher(config: SearchConfig, path: Path, *, in_channels: int, num_classes: int) -> nn.Module:
+    """``--model`` with the weights in ``path``, on the CPU, in eval mode."""
+    model = create_model(config.model, in_channels=in_channels, num_classes=num_classes)
+    load_checkpoint(model, path)
+    return model.eval()
+
+
+def teacher_digest(model: nn.Module) -> str:
+    """sha256 of the weights and buffers (names, dtypes, shapes, values): which teacher a study compresses."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def get_teacher(config: SearchConfig, data: DataSplits, device: torch.device) -> tuple[nn.Module, str]:

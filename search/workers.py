@@ -9,7 +9,8 @@ report and the export once.
 
 Ctrl-C in a terminal reaches the whole process group: each child marks its running trial failed and stops;
 the parent waits for them, writes the report (no export) and exits 130. A SIGINT sent to the parent alone
-is passed on to the children that are still running after a few seconds.
+is passed on to the children that are still running after a few seconds; a SIGTERM (which no terminal
+sends to the group) is passed on at once, and the parent exits 143.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from search.cli import WORKER_ENV, finish, prepare_study
 from search.config import SearchConfig
 from search.progress import duration, log
+from search.run import WORKER_ENV, Terminated, finish, interrupted_status, prepare_study
 from search.study import finished_count
 
 __all__ = ["run_distributed", "run_workers", "worker_command", "worker_env"]
@@ -51,7 +52,7 @@ def run_distributed(config: SearchConfig, argv: Sequence[str]) -> int:
 
 def worker_command(argv: Sequence[str]) -> list[str]:
     """The same search as ``argv`` as one worker process (the last ``--workers`` on a command line wins)."""
-    return [sys.executable, "-c", "from search.cli import main; main()", *argv, "--workers", "1"]
+    return [sys.executable, "-c", "from search import main; main()", *argv, "--workers", "1"]
 
 
 def worker_env(index: int, workers: int) -> dict[str, str]:
@@ -79,23 +80,23 @@ def run_workers(config: SearchConfig, argv: Sequence[str]) -> int:
         f"{worker_env(1, config.workers)['OMP_NUM_THREADS']} torch threads each); {already} finished trials "
         f"in the study, target {config.trials}")
     children = [_Child(i, config.workers, argv) for i in range(1, config.workers + 1)]
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         for child in children:
             child.process.wait()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as stop:
+        interrupted = stop
         log("workers: interrupted; waiting for the workers to mark their running trials failed")
-        _stop(children)
+        _stop(children, signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     for child in children:
         child.drain()
     elapsed = time.perf_counter() - start
     done = finished_count(study)
     codes = {child.index: child.process.returncode for child in children}
     failed = {index: code for index, code in codes.items() if code != 0}
-    if interrupted:
+    if interrupted is not None:
         finish(config, study, elapsed=elapsed, export=False)
-        return 130
+        return interrupted_status(interrupted)
     for index, code in failed.items():
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         log(f"workers: worker {index} ended with {how} (its log lines above start with [worker {index}])")
@@ -130,10 +131,13 @@ def _relay(stream: IO[str], prefix: str) -> None:
         sys.stderr.flush()
 
 
-def _stop(children: Sequence[_Child]) -> None:
-    """Wait for the children to stop; SIGINT the ones that did not get Ctrl-C; kill the ones that hang."""
+def _stop(children: Sequence[_Child], signum: int) -> None:
+    """Wait for the children to stop; pass ``signum`` on to the ones that did not get it; kill the ones that hang.
+
+    A terminal's Ctrl-C reached them already, so SIGINT is passed on only after a delay; SIGTERM at once.
+    """
     interrupted_at = time.monotonic()
-    forward_at = interrupted_at + FORWARD_SIGINT_AFTER
+    forward_at = interrupted_at + (FORWARD_SIGINT_AFTER if signum == signal.SIGINT else 0.0)
     forwarded = False
     while any(child.process.poll() is None for child in children):
         try:
@@ -144,7 +148,7 @@ def _stop(children: Sequence[_Child]) -> None:
         if not forwarded and now >= forward_at:
             for child in children:
                 if child.process.poll() is None:
-                    child.process.send_signal(signal.SIGINT)
+                    child.process.send_signal(signum)
             forwarded = True
         if now - interrupted_at > KILL_AFTER:
             for child in children:

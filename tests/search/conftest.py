@@ -41,7 +41,7 @@ def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("gkpd-cache")
     env = {**os.environ, "GKPD_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     # The same Prepared the workers build; a missing dataset is the only reason to skip.
-    code = ("import sys; from search.cli import Prepared, parse_args, config_from_args; "
+    code = ("import sys; from search.cli import parse_args, config_from_args; from search.run import Prepared; "
             "Prepared(config_from_args(parse_args(sys.argv[1:])))")
     done = subprocess.run([sys.executable, "-c", code, *TINY, "--out", str(cache / "warmup")], check=False,
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -107,7 +107,8 @@ def postgres_server() -> Iterator[str]:
     options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=100"
     run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+        # The README's spelling: a bare postgresql:// URL, whatever driver SQLAlchemy would default to.
+        yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                        check=False, capture_output=True, timeout=120, cwd=root)
@@ -123,7 +124,7 @@ def postgres_url(postgres_server: str) -> str:
     deadline = time.monotonic() + 30
     while True:
         try:
-            connection = psycopg2.connect(f"{postgres_server.replace('+psycopg2', '')}/postgres")
+            connection = psycopg2.connect(f"{postgres_server}/postgres")
             break
         except psycopg2.OperationalError:
             if time.monotonic() > deadline:

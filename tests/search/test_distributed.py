@@ -18,7 +18,8 @@ import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from search.study import FINISHED, open_storage
+from search.storage import open_storage
+from search.study import FINISHED, checkpoint_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -91,7 +92,7 @@ def running_after_finished(storage: str, study: str, finished: int) -> Callable[
     return check
 
 
-def assert_one_consistent_study(trials: Sequence[FrozenTrial], target: int, out: Path) -> list[FrozenTrial]:
+def assert_one_consistent_study(trials: Sequence[FrozenTrial], target: int, out: Path, study: str) -> list[FrozenTrial]:
     """Numbered once each, none left running, the target reached, each seed evaluated once.
 
     (Seeds beyond a small target may still be WAITING in the queue: enqueued, never run.)
@@ -104,8 +105,8 @@ def assert_one_consistent_study(trials: Sequence[FrozenTrial], target: int, out:
     assert seeds and len(seeds) == len(set(seeds)), f"seed plans evaluated more than once: {seeds}"
     for t in finished:
         if t.state == TrialState.COMPLETE:  # its checkpoint is on the shared --out, where export finds it
-            assert Path(t.user_attrs["checkpoint"]) == out / "checkpoints" / f"trial-{t.number}.pt"
-            assert Path(t.user_attrs["checkpoint"]).is_file()
+            assert Path(t.user_attrs["checkpoint"]) == checkpoint_file(study, t.number)
+            assert (out / t.user_attrs["checkpoint"]).is_file()
     return finished
 
 
@@ -117,7 +118,7 @@ def test_two_workers_on_postgresql_share_one_study(worker_env, postgres_url, sea
     codes = [finish(w, log) for w, log in zip(workers, logs)]
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
 
-    finished = assert_one_consistent_study(trials_of(postgres_url, "pg-two"), 6, tmp_path / "run")
+    finished = assert_one_consistent_study(trials_of(postgres_url, "pg-two"), 6, tmp_path / "run", "pg-two")
     assert len({t.user_attrs["worker"] for t in finished}) == 2, "both workers ran trials"
     assert sum("created with" in log.read_text() for log in logs) == 1, "the study was created (and seeded) once"
     assert (tmp_path / "run" / "pareto.csv").is_file() and (tmp_path / "run" / "best" / "plan.json").is_file()
@@ -127,7 +128,7 @@ def test_workers_starting_together_on_a_new_postgresql_database_all_open_it(post
     """Four processes open a fresh database at the same instant (they race to create Optuna's tables)."""
     go = tmp_path / "go"
     code = ("import pathlib, sys, time\n"
-            "from search.study import open_storage\n"
+            "from search.storage import open_storage\n"
             "pathlib.Path(sys.argv[1] + '.ready' + sys.argv[3]).touch()\n"
             "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.01)\n"
             "open_storage(sys.argv[2])\n")
@@ -142,7 +143,7 @@ def test_workers_starting_together_on_a_new_postgresql_database_all_open_it(post
 POP_QUEUE = '''
 import pathlib, sys, time, warnings
 import optuna
-from search.study import open_storage
+from search.storage import open_storage
 warnings.filterwarnings("ignore")
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 ready, go, url = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
@@ -183,7 +184,7 @@ def test_workers_2_on_sqlite(worker_env, search_args, tmp_path: Path) -> None:
     text = log.read_text()
     assert code == 0, text[-4000:]
 
-    finished = assert_one_consistent_study(trials_of(f"sqlite:///{out / 'study.db'}", "sqlite-two"), 6, out)
+    finished = assert_one_consistent_study(trials_of(f"sqlite:///{out / 'study.db'}", "sqlite-two"), 6, out, "sqlite-two")
     assert len({t.user_attrs["worker"] for t in finished}) == 2, "both workers ran trials"
     assert "[worker 1]" in text and "[worker 2]" in text
     assert text.count("export: trial") == 1, "the parent alone exports, once"
@@ -213,7 +214,7 @@ def test_sigkill_mid_trial_then_restart_reaches_the_target(worker_env, search_ar
     assert after[killed[0]].state == TrialState.FAIL
     retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == killed[0]]
     assert len(retries) == 1 and retries[0].params == after[killed[0]].params, "re-queued once, same plan"
-    assert_one_consistent_study(list(after.values()), 4, out)
+    assert_one_consistent_study(list(after.values()), 4, out, name)
 
 
 def test_ctrl_c_marks_running_trials_failed_and_exits_130(worker_env, search_args, tmp_path: Path) -> None:
@@ -237,7 +238,8 @@ def test_nan_loss_and_out_of_memory_fail_the_trial_and_the_study_goes_on(
 ) -> None:
     """In-process: the first fine-tune hits a NaN loss, the second runs out of memory; both are recorded."""
     import search.trial
-    from search.cli import config_from_args, parse_args, run_search
+    from search.cli import config_from_args, parse_args
+    from search.run import run_search
 
     real_distill = search.trial.distill
     failures = [FloatingPointError("loss is nan at step 1"), torch.OutOfMemoryError("CUDA out of memory (simulated)")]
@@ -298,7 +300,7 @@ def test_ray_tune_backend_on_local_ray_writes_the_optuna_study(local_ray_env, se
     assert addresses and all(_loopback(a) for a in addresses), f"Ray listened on {addresses}"
 
     trials = trials_of(f"sqlite:///{out / 'study.db'}", "ray")
-    finished = assert_one_consistent_study(trials, 3, out)
+    finished = assert_one_consistent_study(trials, 3, out, "ray")
     assert all(t.user_attrs.get("ray_trial_id") for t in finished), "every trial ran as a Ray Tune trial"
     report = subprocess.run([*SEARCH, "report", "--out", str(out)], check=False, cwd=REPO_ROOT, env=local_ray_env,
                             capture_output=True, text=True, timeout=300)

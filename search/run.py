@@ -1,0 +1,410 @@
+"""One search, whatever starts it (the CLI, ``--workers`` children, Ray Tune trials): prepare, run, report, export.
+
+The order in ``Prepared`` rejects bad input before slow work: the run directory and the study's recorded
+identity first (reading writes nothing), then data and model, then the teacher's weights and the space,
+checked against the study before any trial fine-tunes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import TrialState
+
+import gkpd
+from search.config import SearchConfig
+from search.data import load_data
+from search.export import export_model
+from search.files import atomic_text, create_text
+from search.models import create_model
+from search.progress import Eta, log
+from search.report import best_row, format_table, write_report
+from search.storage import open_storage, redact, sqlite_path, without_password
+from search.study import (
+    check_identity, existing_identity, file_digest, finished_count, join_study, make_objective, open_study,
+    requeue_interrupted_seeds, run_one, seed_plans, study_identity, trial_plan,
+)
+from search.teacher import find_teacher, get_teacher, load_teacher, teacher_cache_path, teacher_digest
+from search.train import evaluate
+from search.trial import TrialContext
+from spaces import SearchSpace, build_space
+
+__all__ = [
+    "Prepared", "prepare_study", "run_search", "finish", "do_export", "report_run", "export_run", "open_run",
+    "read_run_file", "SearchFailed", "Terminated", "interrupted_status", "RUN_FILE", "WORKER_ENV",
+]
+
+MAX_FAILURES_IN_A_ROW = 3
+RUN_FILE = "run.json"
+WORKER_ENV = "GKPD_WORKER"  # set by --workers N in its children ("i/N")
+
+
+class SearchFailed(RuntimeError):
+    """The search cannot go on (not the user's input): one line, exit status 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the running trial is marked failed, the report written)."""
+
+
+def interrupted_status(stop: KeyboardInterrupt) -> int:
+    """The shell's exit status for a process ended by the signal: 128 + SIGTERM or 128 + SIGINT."""
+    return 143 if isinstance(stop, Terminated) else 130
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+# -- the run directory -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunRecord:
+    """``OUT/run.json``: the one study a run directory belongs to. ``storage`` None: ``OUT/study.db``."""
+
+    study_name: str
+    storage: str | None
+
+    def storage_url(self, out: Path) -> str:
+        return self.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def _recorded_storage(config: SearchConfig) -> str | None:
+    """What run.json keeps of ``--storage``: nothing for the default (so a copied directory reads its own
+    study.db), and never a password (libpq finds it in ~/.pgpass or $PGPASSWORD)."""
+    return None if config.storage is None else without_password(config.storage)
+
+
+def read_run_file(out: Path) -> RunRecord | None:
+    """The run directory's record, None if it has none; a damaged one is a one-line ``ValueError``."""
+    path = out / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a run record ({err}); pass --storage and --study-name instead") from None
+    if (not isinstance(doc, dict) or not isinstance(doc.get("study_name"), str) or not doc["study_name"]
+            or not isinstance(doc.get("storage"), (str, type(None)))):
+        raise ValueError(f"{path}: not a run record (expected {{\"study_name\": ..., \"storage\": ...}}); "
+                         "pass --storage and --study-name instead")
+    storage = doc["storage"]
+    if storage == f"sqlite:///{(out / 'study.db').resolve()}":  # written by older versions: the default
+        storage = None
+    return RunRecord(doc["study_name"], storage)
+
+
+def check_run_dir(config: SearchConfig) -> None:
+    """``--out`` is a writable directory (or can be made one) and belongs to this study, or to none yet."""
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot create or write {parent}")
+    record = read_run_file(out)
+    if record is None:
+        return
+    if record.study_name != config.study_name:
+        raise ValueError(f"--out {out} belongs to study {record.study_name!r} (its {RUN_FILE}); give study "
+                         f"{config.study_name!r} another --out, or pass --study-name {record.study_name} to continue")
+    if record.storage != _recorded_storage(config):
+        where = "the SQLite file in --out" if record.storage is None else redact(record.storage)
+        raise ValueError(f"--out {out} belongs to study {record.study_name!r} in {where}, not in --storage "
+                         f"{redact(config.storage_url)}; give this run another --out")
+
+
+def claim_run_dir(config: SearchConfig) -> None:
+    """Write run.json once; a directory's record never changes (check_run_dir refused anything else)."""
+    record = {"study_name": config.study_name, "storage": _recorded_storage(config)}
+    create_text(config.out / RUN_FILE, json.dumps(record) + "\n")
+
+
+# -- preparing ---------------------------------------------------------------------------------------------------
+
+def _check_budget(space: SearchSpace, config: SearchConfig) -> None:
+    space.check_budget(**config.budget)
+    if len(config.budget) > 1:
+        # Each budget may be reachable alone but not together: a feasible plan must exist for both at once.
+        try:
+            space.allocate(**config.budget)
+        except ValueError as err:
+            raise ValueError(f"--budget-mflops {config.budget_mflops:g} and --budget-mparams "
+                             f"{config.budget_mparams:g}: no plan of this space meets both ({err})") from None
+
+
+class Prepared:
+    """Everything a trial needs, built once per process, in an order that rejects bad input before slow work.
+
+    ``join=True`` (Ray Tune trials): the storage and the study must exist already; nothing is created.
+    """
+
+    def __init__(self, config: SearchConfig, *, join: bool = False) -> None:
+        self.config = config
+        # 1. The run directory and the study's recorded settings. Reading them writes nothing.
+        if not join:
+            check_run_dir(config)
+        db = sqlite_path(config.storage_url)
+        self.storage = None
+        found = None
+        if join or db is None or db.exists():
+            self.storage = open_storage(config.storage_url, create=not join)
+            found = existing_identity(self.storage, config.study_name)
+            check_identity(config.identity(), found, config.study_name)
+        # 2. Data and model: unknown names and missing files fail here, in seconds.
+        self.device = resolve_device(config.device)
+        self.data = load_data(config.dataset, data_dir=config.data_dir, val_images=config.val_images,
+                              seed=config.seed, max_train_images=config.max_train_images,
+                              max_eval_images=config.max_eval_images,
+                              download=os.environ.get("GKPD_OFFLINE") != "1")
+        if config.batch_size > len(self.data.train_x):
+            raise ValueError(f"--batch-size {config.batch_size} is more than the {len(self.data.train_x)} training "
+                             "images (see --max-train-images)")
+        shape, classes = self.data.input_shape, self.data.num_classes
+        model = create_model(config.model, in_channels=shape[0], num_classes=classes)
+        # 3. The teacher, if it exists without training, is checked against the study; otherwise the budget is
+        #    checked on the untrained model (costs do not depend on the weights) before the teacher trains.
+        source = find_teacher(config)
+        if source is None:
+            if found is not None and "teacher_sha256" in found:
+                raise ValueError(f"study {config.study_name!r} compresses a teacher (sha256 "
+                                 f"{found['teacher_sha256'][:12]}) that is not here: not in the teacher cache "
+                                 f"{teacher_cache_path(config).parent} (training a new one would give another); "
+                                 "pass --teacher PATH or --cache-dir DIR")
+            _check_budget(build_space(model, shape, preset=config.preset, skip=config.skip), config)
+            self.teacher, self.teacher_source = get_teacher(config, self.data, self.device)
+        else:
+            self.teacher = load_teacher(config, source, in_channels=shape[0], num_classes=classes).to(self.device)
+            self.teacher_source = str(source)
+        digest = teacher_digest(self.teacher)
+        check_identity({"teacher_sha256": digest}, found, config.study_name)
+        # 4. The space, built once from the teacher (one SVD per layer and factor shape).
+        self.space = build_space(self.teacher, shape, preset=config.preset, skip=config.skip)
+        if source is not None:
+            _check_budget(self.space, config)
+        self.identity = study_identity(config, teacher=digest, space=self.space)
+        check_identity(self.identity, found, config.study_name)
+        if self.storage is None:
+            config.out.mkdir(parents=True, exist_ok=True)
+            self.storage = open_storage(config.storage_url)
+        self.ctx = TrialContext(config, self.data, self.teacher, self.space, self.device)
+
+    def teacher_summary(self) -> dict[str, float]:
+        base = self.space.baseline_cost()
+        return {
+            "val_accuracy": evaluate(self.teacher, self.data.val_x, self.data.val_y, device=self.device),
+            "test_accuracy": evaluate(self.teacher, self.data.test_x, self.data.test_y, device=self.device),
+            "mflops": base.mflops, "mparams": base.mparams,
+        }
+
+
+def _run_info(config: SearchConfig, prepared: Prepared, teacher: dict[str, float]) -> dict[str, Any]:
+    return {
+        "study_name": config.study_name, "model": config.model, "dataset": config.dataset,
+        "input_shape": list(prepared.data.input_shape), "num_classes": prepared.data.num_classes,
+        "objective": config.objective, "budget": config.budget, "teacher": teacher,
+        "teacher_source": prepared.teacher_source, "preset": config.preset, "skip": list(config.skip),
+    }
+
+
+def prepare_study(config: SearchConfig) -> tuple[Prepared, optuna.Study]:
+    """Validate, build (or load) the teacher and space, and create the study with its seeds, or join it."""
+    prepared = Prepared(config)
+    space = prepared.space
+    seeds = [(tag, space.params_from_plan(plan)) for tag, plan in seed_plans(config, space)]
+    study = open_study(config, prepared.storage, seeds, identity=prepared.identity)
+    if "run" not in study.user_attrs:
+        teacher = prepared.teacher_summary()
+        log(f"teacher: val {teacher['val_accuracy']:.2%}, test {teacher['test_accuracy']:.2%}, "
+            f"{teacher['mflops']:.2f} MFLOPs, {teacher['mparams']:.3f} Mparams")
+        study.set_user_attr("run", _run_info(config, prepared, teacher))
+    claim_run_dir(config)
+    return prepared, study
+
+
+def join_prepared(config: SearchConfig) -> tuple[Prepared, optuna.Study]:
+    """For a process that only runs trials of a study the driver created (Ray Tune trials)."""
+    prepared = Prepared(config, join=True)
+    return prepared, join_study(config, prepared.storage, identity=prepared.identity)
+
+
+# -- running -----------------------------------------------------------------------------------------------------
+
+def run_search(config: SearchConfig) -> int:
+    start = time.perf_counter()
+    prepared, study = prepare_study(config)
+    # A child of --workers N only runs trials: its parent writes the report and export once, at the end.
+    report = not os.environ.get(WORKER_ENV)
+
+    objective = make_objective(prepared.ctx)
+    already = finished_count(study)
+    eta = Eta(max(0, config.trials - already), config.timeout)
+    log(f"search: {already} finished trials in the study, target {config.trials}; budget "
+        + ", ".join(f"{v:g} {k}" for k, v in config.budget.items()) + f"; out {config.out}")
+    failures = 0
+    try:
+        while True:
+            done = finished_count(study)
+            if done >= config.trials:
+                break
+            if config.timeout is not None and time.perf_counter() - start > config.timeout:
+                log(f"search: --timeout {config.timeout:g}s reached")
+                break
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if done + running >= config.trials:
+                # Others are finishing the last trials; wait, failing any whose worker died (no heartbeat).
+                optuna.storages.fail_stale_trials(study)
+                time.sleep(2)
+                continue
+            last = run_one(study, objective)
+            failures = failures + 1 if last.state == TrialState.FAIL else 0
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                if report:
+                    finish(config, study, elapsed=time.perf_counter() - start, export=False)
+                raise SearchFailed(f"{failures} trials in a row failed (a systematic problem, not bad luck); "
+                                   f"last: {last.user_attrs.get('fail_reason')}")
+            log(f"progress: {eta(finished_count(study) - already)}")
+    except KeyboardInterrupt as stop:
+        requeue_interrupted_seeds(study)
+        log("search: interrupted; the running trial is marked failed (a seed plan is queued again), "
+            "finished trials are kept")
+        if report:
+            finish(config, study, elapsed=time.perf_counter() - start, export=False)
+        return interrupted_status(stop)
+    if report:
+        finish(config, study, elapsed=time.perf_counter() - start, export=True)
+    return 0
+
+
+def finish(config: SearchConfig, study: optuna.Study, *, elapsed: float, export: bool) -> None:
+    """Write the report; export the best in-budget trial when ``export`` (and there is one)."""
+    info = study.user_attrs["run"]
+    budget = info["budget"].get(info["objective"])
+    _, pareto = write_report(study, config.out, objective=info["objective"], budget=budget,
+                             teacher=info["teacher"], run={**info, "elapsed": elapsed})
+    best = best_row(pareto) if export else None
+    print_summary(info, pareto, config.out, exported=best is not None)
+    if best is not None:
+        do_export(study, info, config.out, int(best.trial))
+
+
+def print_summary(info: dict[str, Any], pareto: pd.DataFrame, out: Path, *, exported: bool) -> None:
+    teacher = info["teacher"]
+    print("\nPareto frontier (validation accuracy chooses; MFLOPs = fvcore MACs / 1e6, gflops_torch = 2 x MACs / 1e9)")
+    print(f"teacher: val {teacher['val_accuracy']:.2%}, test {teacher['test_accuracy']:.2%}, "
+          f"{teacher['mflops']:.2f} MFLOPs, {teacher['mparams']:.3f} Mparams")
+    if pareto.empty:
+        print("no completed in-budget trial yet")
+    else:
+        print(format_table(pareto, ["trial", "seed", "val_accuracy", "test_accuracy", "mflops", "gflops_torch",
+                                    "mparams", "flops_ratio", "params_ratio"]))
+    files = "trials.csv, pareto.csv, pareto.png, report.md" + (", best/" if exported else "")
+    print(f"\nrun directory: {out}  ({files})")
+
+
+def _checkpoint_of(trial: optuna.trial.FrozenTrial, out: Path) -> Path:
+    """The trial's weights, checked to be the file that trial wrote (not another study's or trial's)."""
+    recorded = trial.user_attrs.get("checkpoint")
+    if recorded is None:
+        raise ValueError(f"trial {trial.number} recorded no checkpoint")
+    # Recorded relative to the run directory (older runs: as given, relative to their working directory).
+    path = Path(recorded) if Path(recorded).is_absolute() else out / recorded
+    if not path.is_file() and not Path(recorded).is_absolute() and Path(recorded).is_file():
+        path = Path(recorded)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint of trial {trial.number} not found at {path} (it is written by the "
+                                "worker that ran the trial: copy it there, or point --out at that run directory)")
+    wanted = trial.user_attrs.get("checkpoint_sha256")
+    if wanted is not None and file_digest(path) != wanted:
+        raise ValueError(f"{path} is not the checkpoint trial {trial.number} wrote (its sha256 differs): another "
+                         "run overwrote it; re-run that trial or export another with --trial N")
+    return path
+
+
+def do_export(study: optuna.Study, info: dict[str, Any], out: Path, number: int) -> None:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise ValueError(f"--trial {number}: no such trial; the study has trials 0..{len(trials) - 1}")
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE or "plan" not in trial.user_attrs:
+        raise ValueError(f"--trial {number} is {trial.state.name}, not COMPLETE; only completed trials export")
+    checkpoint = _checkpoint_of(trial, out)
+    plan = trial_plan(trial)
+    base = create_model(info["model"], in_channels=info["input_shape"][0], num_classes=info["num_classes"])
+    model = gkpd.kroneckerize(base, plan)
+    try:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    except RuntimeError as err:  # shapes of another plan
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(f"{checkpoint} does not fit trial {number}'s plan ({reason})") from None
+    mflops = gkpd.count_mflops(model, info["input_shape"])
+    meta = {
+        "trial": number, "study_name": info["study_name"], "model": info["model"], "dataset": info["dataset"],
+        "input_shape": info["input_shape"], "num_classes": info["num_classes"],
+        "val_accuracy": trial.values[0], "test_accuracy": trial.user_attrs.get("test_accuracy"),
+        "mflops": mflops, "mparams": gkpd.count_params(model) / 1e6, "budget": info["budget"],
+        "unit": "mflops = fvcore MACs / 1e6",
+    }
+    summary = export_model(model, plan, out / "best", input_shape=info["input_shape"], meta=meta)
+    if "onnx_error" in summary:
+        raise SearchFailed(f"export: trial {number}: ONNX failed ({summary['onnx_error']}); "
+                           f"{out / 'best'} holds plan.json and model.pt")
+    log(f"export: trial {number} -> {out / 'best'} (plan.json, model.pt, model.onnx; "
+        f"onnxruntime max |diff| {summary['onnx_max_abs_diff']:.2e})")
+
+
+# -- report and export of an existing run ------------------------------------------------------------------------
+
+def open_run(out: Path, *, storage: str | None, study_name: str | None) -> tuple[optuna.Study, dict[str, Any]]:
+    """The study of run directory ``out`` (or the one named), read-only use; one-line errors otherwise."""
+    record = read_run_file(out)
+    if record is None and not (storage and study_name):
+        raise ValueError(f"--out {out}: no {RUN_FILE} there; give the run directory of a search, "
+                         "or --storage and --study-name")
+    url = storage or record.storage_url(out)
+    name = study_name or record.study_name
+    opened = open_storage(url, create=False)
+    if existing_identity(opened, name) is None:
+        raise ValueError(f"no study {name!r} in {redact(url)}")
+    study = optuna.load_study(study_name=name, storage=opened)
+    if "run" not in study.user_attrs:
+        raise ValueError(f"study {name!r} has no finished setup yet (no teacher summary); run the search first")
+    return study, study.user_attrs["run"]
+
+
+def report_run(out: Path, *, storage: str | None = None, study_name: str | None = None) -> int:
+    study, info = open_run(out, storage=storage, study_name=study_name)
+    budget = info["budget"].get(info["objective"])
+    _, pareto = write_report(study, out, objective=info["objective"], budget=budget, teacher=info["teacher"],
+                             run=info)
+    print_summary(info, pareto, out, exported=(out / "best").is_dir())
+    return 0
+
+
+def export_run(out: Path, *, storage: str | None = None, study_name: str | None = None,
+               trial: int | None = None) -> int:
+    study, info = open_run(out, storage=storage, study_name=study_name)
+    if trial is None:
+        budget = info["budget"].get(info["objective"])
+        _, pareto = write_report(study, out, objective=info["objective"], budget=budget,
+                                 teacher=info["teacher"], run=info)
+        best = best_row(pareto)
+        if best is None:
+            raise ValueError("no completed in-budget trial to export yet")
+        trial = int(best.trial)
+    do_export(study, info, out, trial)
+    return 0
