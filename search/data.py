@@ -133,6 +133,9 @@ def _load_torchvision(name: str, root: Path, *, download: bool) -> tuple[torch.T
         test = cls(str(root), train=False, download=download)
     except (RuntimeError, OSError, ValueError) as exc:  # torchvision: "Dataset not found", URLError, bad md5
         raise _missing(name, where, exc) from exc
+    except (AssertionError, IndexError, EOFError) as exc:  # torchvision's idx reader asserts on a bad header
+        detail = " ".join(str(exc).split())[:100] or "not the idx format torchvision reads"
+        raise ValueError(f"{name} files under {where} are damaged ({detail}); delete them and run again") from exc
     y = [torch.as_tensor(ds.targets, dtype=torch.int64) for ds in (train, test)]
     return _as_uint8_nchw(train.data), y[0], _as_uint8_nchw(test.data), y[1]
 

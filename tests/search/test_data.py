@@ -142,3 +142,15 @@ def test_imagefolder_preloads_resized_tensors(tmp_path: Path) -> None:
 def test_imagefolder_missing_tree(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"imagefolder not found under .*train .*: pass --data-dir holding train/<class>"):
         load_data("imagefolder", data_dir=tmp_path)
+
+
+def test_garbage_idx_files_are_one_clear_line_naming_the_folder(tmp_path: Path) -> None:
+    """torchvision's idx reader asserts on a bad header; the user gets a ValueError naming the folder."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data._MNIST_FILES:
+        (raw / name).write_bytes(b"not an idx file" * 8)
+    with pytest.raises(ValueError) as err:
+        load_data("fashion-mnist", data_dir=tmp_path, download=False)
+    message = str(err.value)
+    assert "\n" not in message and "damaged" in message and str(tmp_path / "FashionMNIST") in message
