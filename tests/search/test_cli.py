@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +24,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUDGET = 25.0  # resnet20 on 1x28x28 is 31.3 MFLOPs dense
 
 
-def search(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "search.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+def search(args: list[str], env: dict[str, str], *, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "search.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(done: subprocess.CompletedProcess, says: str, *, status: int = 2) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == status and len(lines) == 1 and says in lines[0], done.stderr[-2000:]
+    return lines[0]
 
 
 def digest(path: Path) -> str:
@@ -35,8 +43,7 @@ def digest(path: Path) -> str:
 def finished_run(tmp_path_factory, teacher_cache: Path, tiny_args: list[str]) -> tuple[Path, list[str], dict]:
     """A whole search on the tiny setting: 3 trials, report and export."""
     out = tmp_path_factory.mktemp("run")
-    env = {**__import__("os").environ, "GKPD_CACHE": str(teacher_cache), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "GKPD_CACHE": str(teacher_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     args = [*tiny_args, "--trials", "3", "--out", str(out)]
     done = search(args, env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,14 +111,15 @@ BAD_INPUTS = [
     (["--budget-mflops", "500"], "31.3"),
     (["--trials", "0"], "--trials"),
     (["--storage", "nosuchdb://x"], "nosuchdb"),
+    (["--storage", "postgresql://gkpd:s3cret@127.0.0.1:1/gkpd"], "postgresql://gkpd:***@127.0.0.1:1/gkpd"),
 ]
 
 
 @pytest.mark.parametrize("change, says", BAD_INPUTS, ids=[" ".join(c) for c, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_the_run_stays_intact(finished_run, change, says) -> None:
+def test_bad_input_is_one_line_exit_2_and_the_run_stays_intact(finished_run, change, says, tmp_path) -> None:
     out, args, env = finished_run
     before = {p.name: digest(p) for p in (out / "study.db", out / "best/plan.json", out / "best/model.pt")}
-    merged = [*args]
+    merged = [*args, "--out", str(tmp_path / "fresh")]  # a new run (the same --out belongs to the finished study)
     for i in range(0, len(change), 2):
         if change[i] in merged:
             merged[merged.index(change[i]) + 1] = change[i + 1]
@@ -121,6 +129,8 @@ def test_bad_input_is_one_line_exit_2_and_the_run_stays_intact(finished_run, cha
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0], done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
+    assert not (tmp_path / "fresh").exists()
     assert {p.name: digest(p) for p in (out / "study.db", out / "best/plan.json", out / "best/model.pt")} == before
 
 
@@ -158,3 +168,127 @@ def test_resuming_with_another_model_dataset_or_budget_is_refused(finished_run) 
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 2 and len(lines) == 1 and "was created with" in lines[0], done.stderr[-2000:]
     assert digest(out / "study.db") == before
+
+
+def test_a_second_study_in_the_same_out_is_refused_and_the_run_stays_intact(finished_run) -> None:
+    """Checkpoints, run.json and the report belong to one study: another study gets its own --out."""
+    out, args, env = finished_run
+    before = {p.relative_to(out).as_posix(): digest(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    done = search([*args, "--study-name", "another", "--budget-mflops", "20"], {**env, "GKPD_OFFLINE": "1"})
+    line = one_line_error(done, f"--out {out} belongs to study")
+    assert "--study-name" in line and "another" in line
+    assert {p.relative_to(out).as_posix(): digest(p) for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_checkpoints_are_kept_per_study_and_export_refuses_one_that_was_overwritten(finished_run, tmp_path) -> None:
+    out, _, env = finished_run
+    name = json.loads((out / "run.json").read_text())["study_name"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    for t in done:  # relative to the run directory, one folder per study
+        assert t.user_attrs["checkpoint"] == f"checkpoints/{name}/trial-{t.number}.pt"
+        assert digest(out / t.user_attrs["checkpoint"]) == t.user_attrs["checkpoint_sha256"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    first, second = done[0], done[1]
+    shutil.copy(copy / second.user_attrs["checkpoint"], copy / first.user_attrs["checkpoint"])
+    export = search(["export", "--out", str(copy), "--trial", str(first.number)], env)
+    one_line_error(export, f"is not the checkpoint trial {first.number} wrote")
+
+
+def test_a_copied_run_directory_reports_and_exports_its_own_study_from_any_directory(finished_run, tmp_path) -> None:
+    """run.json and the checkpoints are relative to the run directory; the original is moved away meanwhile."""
+    out, _, env = finished_run
+    shutil.copytree(out, tmp_path / "copy")
+    shutil.rmtree(tmp_path / "copy" / "best")
+    away = out.with_name(out.name + "-away")
+    out.rename(away)
+    try:
+        report = search(["report", "--out", "copy"], env, cwd=tmp_path)
+        assert report.returncode == 0, report.stderr[-2000:]
+        assert "best/" not in report.stdout.splitlines()[-1]  # nothing exported in the copy yet
+        export = search(["export", "--out", "copy"], env, cwd=tmp_path)
+        assert export.returncode == 0, export.stderr[-2000:]
+    finally:
+        away.rename(out)
+    assert (tmp_path / "copy" / "best" / "model.onnx").is_file() and not (tmp_path / "copy" / "study.db-journal").exists()
+    assert json.loads((tmp_path / "copy" / "best" / "plan.json").read_text())["meta"]["study_name"] == \
+        json.loads((out / "run.json").read_text())["study_name"]
+
+
+def test_resuming_with_other_evaluation_settings_or_another_teacher_is_refused_before_training(
+    finished_run, tmp_path: Path
+) -> None:
+    """What changes the space or how trials are evaluated is the study's identity, checked before any training."""
+    out, args, env = finished_run
+    env = {**env, "GKPD_OFFLINE": "1"}
+    before = digest(out / "study.db")
+    random_teacher = tmp_path / "random.pt"
+    torch.save(create_model("resnet20", in_channels=1, num_classes=10).state_dict(), random_teacher)
+    cases = [
+        (["--finetune-steps", "3"], "finetune_steps 2 (this run: 3)"),
+        (["--max-eval-images", "64"], "max_eval_images 128 (this run: 64)"),
+        (["--batch-size", "16"], "batch_size 32 (this run: 16)"),
+        (["--seed", "1"], "seed 0 (this run: 1)"),
+        (["--teacher", str(random_teacher)], "teacher_sha256"),
+    ]
+    for change, says in cases:
+        merged = [*args]
+        if change[0] in merged:
+            merged[merged.index(change[0]) + 1] = change[1]
+        else:
+            merged += change
+        one_line_error(search(merged, env), says)
+    # A deleted teacher cache: training a new teacher would give a different one, so nothing is trained.
+    empty = tmp_path / "cache"
+    one_line_error(search(args, {**env, "GKPD_CACHE": str(empty)}), "that is not here")
+    assert not empty.exists()
+    assert digest(out / "study.db") == before
+
+
+def test_bad_input_in_a_new_run_fails_before_the_teacher_is_trained(finished_run, tmp_path: Path) -> None:
+    _, args, env = finished_run
+    cache = tmp_path / "cache"
+    env = {**env, "GKPD_OFFLINE": "1", "GKPD_CACHE": str(cache)}
+    fresh = [a for a in args]
+    fresh[fresh.index("--out") + 1] = str(tmp_path / "new")
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        # Each budget is reachable alone (at least 1.172826 MFLOPs, 5,682 params), not both at once.
+        (["--budget-mparams", "0.005683", "--budget-mflops", "1.173"], "no plan of this space meets both"),
+        (["--batch-size", "300"], "--batch-size 300 is more than the 256 training images"),
+        (["--out", str(tmp_path / "a-file")], "is a file, not a directory"),
+    ]
+    for change, says in cases:
+        merged = [*fresh]
+        for i in range(0, len(change), 2):
+            if change[i] in merged:
+                merged[merged.index(change[i]) + 1] = change[i + 1]
+            else:
+                merged += change[i:i + 2]
+        one_line_error(search(merged, env), says)
+    assert not cache.exists(), "no teacher was trained"
+    assert not (tmp_path / "new").exists()
+
+
+STUDY_FILES = [
+    ('skip = "fc"', 'skip must be a list of strings'),
+    ("finetune-steps = 2.5", "finetune-steps must be an integer, got 2.5"),
+    ("trials = true", "trials must be an integer, got True"),
+    ('budget-mflops = "25"', "budget-mflops must be a number"),
+    ('sampler = "grid"', "sampler 'grid' is not one of tpe, nsga2, random"),
+]
+
+
+@pytest.mark.parametrize("line, says", STUDY_FILES, ids=[line for line, _ in STUDY_FILES])
+def test_study_file_values_are_type_checked(tmp_path: Path, line: str, says: str) -> None:
+    study = tmp_path / "study.toml"
+    study.write_text(f'model = "resnet20"\nbudget-mflops = 25\n{line}\n'.replace("budget-mflops = 25\nbudget", "budget"))
+    done = search(["--study-file", str(study), "--out", str(tmp_path / "out")], {**os.environ, "GKPD_OFFLINE": "1"})
+    one_line_error(done, says)
+
+
+@pytest.mark.parametrize("text", ["", "{not json", '{"storage": null}'])
+def test_report_with_an_empty_or_garbage_run_json_is_one_line(tmp_path: Path, text: str) -> None:
+    (tmp_path / "run.json").write_text(text)
+    one_line_error(search(["report", "--out", str(tmp_path)], dict(os.environ)), "not a run record")
