@@ -19,12 +19,13 @@ from gkpd.spec import ConvGeometry, KroneckerSpec
 
 __all__ = [
     "Plan", "LayerInfo", "compressible_layers", "kroneckerize", "check_plan",
-    "save_plan", "load_plan", "plan_to_dict", "plan_from_dict", "PLAN_FORMAT", "PLAN_VERSION",
+    "save_plan", "load_plan", "plan_to_dict", "plan_from_dict", "spec_to_dict", "PLAN_FORMAT", "PLAN_VERSION",
 ]
 
 Plan = dict[str, KroneckerSpec]  # module name -> spec; layers absent from a plan stay dense
 PLAN_FORMAT = "gkpd-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: "factor_shapes" (N factors); version 1 files (two factors, "a_shape") are still read
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -129,17 +130,23 @@ def kroneckerize(model: nn.Module, plan: Mapping[str, KroneckerSpec], *, path: L
 
 
 def plan_to_dict(plan: Mapping[str, KroneckerSpec], *, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON document of a plan (format ``gkpd-plan``, version 1; see README "Plan files")."""
+    """The JSON document of a plan (format ``gkpd-plan``, version 2; see README "Plan files")."""
     return {
         "format": PLAN_FORMAT,
         "version": PLAN_VERSION,
-        "layers": {
-            name: {"weight_shape": list(s.weight_shape), "a_shape": list(s.a_shape), "b_shape": list(s.b_shape),
-                   "rank": s.rank}
-            for name, s in plan.items()
-        },
+        "layers": {name: spec_to_dict(spec) for name, spec in plan.items()},
         "meta": dict(meta or {}),
     }
+
+
+def spec_to_dict(spec: KroneckerSpec) -> dict[str, Any]:
+    """One layer's entry: ``weight_shape``, ``factor_shapes`` and ``rank`` (two factors: also ``a_shape``/``b_shape``)."""
+    entry: dict[str, Any] = {"weight_shape": list(spec.weight_shape),
+                             "factor_shapes": [list(s) for s in spec.factor_shapes]}
+    if spec.num_factors == 2:
+        entry.update(a_shape=list(spec.a_shape), b_shape=list(spec.b_shape))
+    entry["rank"] = spec.rank
+    return entry
 
 
 def plan_from_dict(doc: Any, *, source: str = "plan") -> Plan:
@@ -148,17 +155,19 @@ def plan_from_dict(doc: Any, *, source: str = "plan") -> Plan:
         raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     if doc.get("format") != PLAN_FORMAT:
         raise ValueError(f"{source}: 'format' must be {PLAN_FORMAT!r}, got {doc.get('format')!r}")
-    if doc.get("version") != PLAN_VERSION:
-        raise ValueError(f"{source}: unsupported version {doc.get('version')!r}; this reader knows {PLAN_VERSION}")
+    if doc.get("version") not in _READABLE_VERSIONS:
+        raise ValueError(f"{source}: unsupported version {doc.get('version')!r}; this reader knows "
+                         f"{', '.join(map(str, _READABLE_VERSIONS))}")
     layers = doc.get("layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{source}: 'layers' must be an object mapping layer names to specs")
     plan: Plan = {}
     for name, entry in layers.items():
-        if not isinstance(entry, dict) or not {"weight_shape", "a_shape", "rank"} <= entry.keys():
-            raise ValueError(f"{source}: layer {name!r} needs 'weight_shape', 'a_shape' and 'rank'")
+        if not isinstance(entry, dict) or not {"weight_shape", "rank"} <= entry.keys() or not (
+                "a_shape" in entry or "factor_shapes" in entry):
+            raise ValueError(f"{source}: layer {name!r} needs 'weight_shape', 'factor_shapes' (or 'a_shape') and 'rank'")
         try:
-            spec = KroneckerSpec(entry["weight_shape"], entry["a_shape"], entry["rank"])
+            spec = KroneckerSpec(entry["weight_shape"], entry.get("a_shape"), entry["rank"], entry.get("factor_shapes"))
         except (ValueError, TypeError) as err:
             raise ValueError(f"{source}: layer {name!r}: {err}") from None
         if "b_shape" in entry and entry["b_shape"] != list(spec.b_shape):

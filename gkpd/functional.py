@@ -1,13 +1,17 @@
 """The Kronecker-factorized convolution, every execution path. Pure functions over tensors.
 
-Two-step forward (exact for any factorization, stride, padding and dilation; see DESIGN.md):
-with B first, conv the padded input viewed ``[N*C1, C2, H, W]`` with B stacked ``[R*F2, C2, Kh2, Kw2]`` at
-dilation d, then conv with A stacked ``[R*F1, C1, Kh1, Kw1]`` in R groups at dilation ``(Kh2*d, Kw2*d)``, and
-sum over R. The mirror order (A first at dilation ``Kh2*d``, then B at dilation d) is exact too.
+Factorized forward (exact for any factorization, stride, padding and dilation; see DESIGN.md): a chain of
+convolutions, one per factor, each over the channels its factor owns, at the dilation its kernel digit is worth
+(``d`` times the product of the later factors' kernel sizes). For two factors with B first: conv the padded input
+viewed ``[N*C1, C2, H, W]`` with B stacked ``[R*F2, C2, Kh2, Kw2]`` at dilation d, then conv with A arranged
+``[F1, R*C1, Kh1, Kw1]`` at dilation ``(Kh2*d, Kw2*d)``, which also sums over R. Stride-1 convs commute, so every
+order is exact; they cost differently.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -22,9 +26,10 @@ Path = Literal["factorized", "materialized"]
 PATHS: tuple[Path, ...] = ("factorized", "materialized")
 
 
-def _spec_of(a: torch.Tensor, b: torch.Tensor) -> KroneckerSpec:
-    weight_shape = tuple(x * y for x, y in zip(a.shape[1:], b.shape[1:]))
-    return KroneckerSpec(weight_shape, tuple(a.shape[1:]), a.shape[0])
+def _spec_of(factors: Sequence[torch.Tensor]) -> KroneckerSpec:
+    shapes = [tuple(f.shape[1:]) for f in factors]
+    weight_shape = tuple(math.prod(d) for d in zip(*shapes))
+    return KroneckerSpec(weight_shape, rank=factors[0].shape[0], factor_shapes=shapes)
 
 
 def _pad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -45,62 +50,70 @@ def _geometry(x: torch.Tensor, stride, dilation, pads) -> ConvGeometry:
 
 def factorized_conv2d(
     x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
+    *factors: torch.Tensor,
     stride: tuple[int, int] = (1, 1),
     dilation: tuple[int, int] = (1, 1),
     pads: tuple[int, int, int, int] = (0, 0, 0, 0),
     order: Order | None = None,
 ) -> torch.Tensor:
-    """Two-step forward: ``x [N, C, H, W]``, ``a [R, F1, C1, Kh1, Kw1]``, ``b [R, F2, C2, Kh2, Kw2]`` -> ``[N, F, Ho, Wo]``.
+    """The chain of convolutions: ``x [N, C, H, W]``, factors ``[R, F_n, C_n, Kh_n, Kw_n]`` -> ``[N, F, Ho, Wo]``.
 
-    ``order`` defaults to the cheaper contraction for this input size.
+    The tensor travels as ``[N, R, m_1, ..., m_N, H, W]``, mode n holding C_n channels until its factor's step
+    and F_n after. A step folds every other mode into the batch and convolves the ``R * C_n`` channels: the first
+    step (no rank axis yet) maps ``C_n`` to ``R * F_n``; a middle step is grouped by rank; the last sums over the
+    rank inside one conv (A arranged ``[F_n, R * C_n, kh, kw]``), so no ``R * F`` intermediate is made.
+    ``order`` (the factor indices in the sequence applied; "ba"/"ab" for two) defaults to the cheapest.
     """
-    spec = _spec_of(a, b)
+    spec = _spec_of(factors)
     geometry = _geometry(x, stride, dilation, pads)
-    order = order or spec.cheaper_order(geometry)
-    first, second = spec.steps(geometry, order)
-    rank, (f1, c1), (f2, c2) = spec.rank, spec.a_shape[:2], spec.b_shape[:2]
+    steps = spec.steps(geometry, order if order is not None else spec.cheaper_order(geometry))
+    rank, count = spec.rank, len(factors)
     n = x.shape[0]
     x, padding = _pad(x, pads)
-    hp, wp = x.shape[-2:]
-    if order == "ba":
-        y = F.conv2d(x.reshape(n * c1, c2, hp, wp), b.reshape(rank * f2, c2, *b.shape[3:]),
-                     stride=first["stride"], padding=padding, dilation=first["dilation"])
-        y = y.reshape(n, c1, rank, f2, *y.shape[-2:]).permute(0, 3, 2, 1, 4, 5).reshape(n * f2, rank * c1, *y.shape[-2:])
-        y = F.conv2d(y, a.reshape(rank * f1, c1, *a.shape[3:]), stride=second["stride"],
-                     dilation=second["dilation"], groups=rank)
-        y = y.reshape(n, f2, rank, f1, *y.shape[-2:]).sum(2).transpose(1, 2)
-    else:
-        y = x.reshape(n, c1, c2, hp, wp).transpose(1, 2).reshape(n * c2, c1, hp, wp)
-        y = F.conv2d(y, a.reshape(rank * f1, c1, *a.shape[3:]), stride=first["stride"], padding=padding,
-                     dilation=first["dilation"])
-        y = y.reshape(n, c2, rank, f1, *y.shape[-2:]).permute(0, 3, 2, 1, 4, 5).reshape(n * f1, rank * c2, *y.shape[-2:])
-        y = F.conv2d(y, b.reshape(rank * f2, c2, *b.shape[3:]), stride=second["stride"],
-                     dilation=second["dilation"], groups=rank)
-        y = y.reshape(n, f1, rank, f2, *y.shape[-2:]).sum(2)
-    return y.reshape(n, f1 * f2, *y.shape[-2:])
+    sizes = [s[1] for s in spec.factor_shapes]  # current size of each mode
+    y = x.reshape(n, 1, *sizes, *x.shape[-2:])
+    labels = ["n", "r", *range(count)]  # axis labels before the two spatial axes
+    for i, step in enumerate(steps):
+        m = step["factor"]
+        weight = factors[m]
+        f_m, c_m = weight.shape[1], weight.shape[2]
+        first, last = i == 0, i == count - 1
+        others = [j for j in range(count) if j != m]
+        layout = ["n", *others, "r", m]
+        y = y.permute(*[labels.index(a) for a in layout], -2, -1)
+        batch = n * math.prod(sizes[j] for j in others)
+        y = y.reshape(batch, (1 if first else rank) * c_m, *y.shape[-2:])
+        if first:
+            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), 1
+        elif last:
+            kernel, groups = weight.transpose(0, 1).reshape(f_m, rank * c_m, *weight.shape[3:]), 1
+        else:
+            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), rank
+        y = F.conv2d(y, kernel, stride=step["stride"], padding=padding if first else 0,
+                     dilation=step["dilation"], groups=groups)
+        sizes[m] = f_m
+        y = y.reshape(n, *(sizes[j] for j in others), 1 if last else rank, f_m, *y.shape[-2:])
+        labels = layout
+    # Back to [N, m_1, ..., m_N, Ho, Wo] (the rank axis is 1 now): factor 1's digit is the most significant.
+    y = y.permute(*[labels.index(a) for a in ["n", *range(count)]], labels.index("r"), -2, -1)
+    return y.reshape(n, spec.weight_shape[0], *y.shape[-2:])
 
 
 def materialized_conv2d(
     x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
+    *factors: torch.Tensor,
     stride: tuple[int, int] = (1, 1),
     dilation: tuple[int, int] = (1, 1),
     pads: tuple[int, int, int, int] = (0, 0, 0, 0),
 ) -> torch.Tensor:
-    """Rebuild ``W = sum_r a[r] ⊗ b[r]`` and run one dense conv (as fast as dense on CPUs)."""
+    """Rebuild ``W = sum_r f1[r] ⊗ ... ⊗ fN[r]`` and run one dense conv (as fast as dense on CPUs)."""
     x, padding = _pad(x, pads)
-    return F.conv2d(x, reconstruct(a, b), stride=stride, padding=padding, dilation=dilation)
+    return F.conv2d(x, reconstruct(*factors), stride=stride, padding=padding, dilation=dilation)
 
 
 def kronecker_conv2d(
     x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
+    factors: Sequence[torch.Tensor],
     bias: torch.Tensor | None = None,
     *,
     stride: tuple[int, int] = (1, 1),
@@ -108,11 +121,11 @@ def kronecker_conv2d(
     pads: tuple[int, int, int, int] = (0, 0, 0, 0),
     path: Path = "factorized",
 ) -> torch.Tensor:
-    """Conv of ``x [N, C, H, W]`` with ``sum_r a[r] ⊗ b[r]`` (cross-correlation, zero pads ``(top, bottom, left, right)``)."""
+    """Conv of ``x [N, C, H, W]`` with ``sum_r f1[r] ⊗ ... ⊗ fN[r]`` (cross-correlation, zero pads ``(top, bottom, left, right)``)."""
     if path == "factorized":
-        y = factorized_conv2d(x, a, b, stride=stride, dilation=dilation, pads=pads)
+        y = factorized_conv2d(x, *factors, stride=stride, dilation=dilation, pads=pads)
     elif path == "materialized":
-        y = materialized_conv2d(x, a, b, stride=stride, dilation=dilation, pads=pads)
+        y = materialized_conv2d(x, *factors, stride=stride, dilation=dilation, pads=pads)
     else:
         raise ValueError(f"unknown path {path!r}: allowed {PATHS}")
     # The bias is one add after the sum; fvcore counts no MACs for it, as for a dense conv's bias.
@@ -120,15 +133,15 @@ def kronecker_conv2d(
 
 
 def kronecker_linear(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, path: Path = "factorized"
+    x: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *, path: Path = "factorized"
 ) -> torch.Tensor:
-    """``x [..., C]`` times ``(sum_r a[r] ⊗ b[r])^T`` with ``a [R, F1, C1]``, ``b [R, F2, C2]`` -> ``[..., F]``.
+    """``x [..., C]`` times ``(sum_r f1[r] ⊗ ... ⊗ fN[r])^T`` with factors ``[R, F_n, C_n]`` -> ``[..., F]``.
 
     A linear layer is a 1x1 convolution, so it shares the conv paths (and their exact cost).
     """
     if path == "materialized":
-        return F.linear(x, reconstruct(a, b), bias)
+        return F.linear(x, reconstruct(*factors), bias)
     lead, c = x.shape[:-1], x.shape[-1]
-    y = kronecker_conv2d(x.reshape(-1, c, 1, 1), a[..., None, None], b[..., None, None], path=path)
+    y = kronecker_conv2d(x.reshape(-1, c, 1, 1), [f[..., None, None] for f in factors], path=path)
     y = y.reshape(*lead, -1)
     return y if bias is None else y + bias

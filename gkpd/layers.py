@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -15,7 +15,7 @@ from gkpd.decompose import decompose, reconstruct
 from gkpd.functional import PATHS, Path, kronecker_conv2d, kronecker_linear
 from gkpd.spec import ConvGeometry, KroneckerSpec
 
-__all__ = ["KroneckerConv2d", "KroneckerLinear", "LayerPath", "set_path", "use_path", "conv_pads"]
+__all__ = ["KroneckerConv2d", "KroneckerLinear", "LayerPath", "set_path", "use_path", "conv_pads", "FACTOR_NAMES"]
 
 LayerPath = Literal["auto", "factorized", "materialized"]
 _LAYER_PATHS: tuple[LayerPath, ...] = ("auto", *PATHS)
@@ -52,7 +52,7 @@ def _seconds(fn) -> float:
 PROBE_ROWS = 16  # images in the first, cheap timing round of path="auto"
 
 
-def _measure_path(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, run, *, repeats: int = 3) -> Path:
+def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, repeats: int = 3) -> Path:
     """Time both exact paths on this very input (forward, plus backward when training) and keep the faster.
 
     First a probe round on the first ``PROBE_ROWS`` rows of ``x``: a path 3x slower than the other there is
@@ -62,14 +62,14 @@ def _measure_path(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, run, *, rep
     adds time) of ``repeats`` after one warm-up call.
     """
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    training = torch.is_grad_enabled() and a.requires_grad
-    a_, b_ = a.detach().requires_grad_(training), b.detach().requires_grad_(training)
+    training = torch.is_grad_enabled() and factors[0].requires_grad
+    factors_ = tuple(f.detach().requires_grad_(training) for f in factors)
 
     def timed(path: Path, rows: torch.Tensor, times: int) -> float:
         def go() -> None:
-            y = run(rows, a_, b_, path)
+            y = run(rows, factors_, path)
             if training:
-                torch.autograd.grad(y.sum(), (a_, b_))
+                torch.autograd.grad(y.sum(), factors_)
             sync()
 
         go()  # warm-up: allocations, kernel selection
@@ -87,8 +87,11 @@ def _measure_path(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, run, *, rep
     return min(full, key=full.__getitem__)
 
 
+FACTOR_NAMES = "abcdefgh"  # parameter names of the factors, in order: a, b for two factors, then c, d, ...
+
+
 class _KroneckerBase(nn.Module):
-    """Factors ``a [R, *a_shape]``, ``b [R, *b_shape]``, optional bias, and the execution path."""
+    """Factors ``a [R, *shape_1]``, ``b [R, *shape_2]`` (``c``, ``d``, ... for more), optional bias, the path."""
 
     spec: KroneckerSpec
 
@@ -96,34 +99,38 @@ class _KroneckerBase(nn.Module):
         _check_path(path)
         self.spec = spec
         self.path: LayerPath = path
-        self.a = nn.Parameter(torch.empty(spec.rank, *spec.a_shape, device=device, dtype=dtype))
-        self.b = nn.Parameter(torch.empty(spec.rank, *spec.b_shape, device=device, dtype=dtype))
+        for name, shape in zip(FACTOR_NAMES, spec.factor_shapes):
+            setattr(self, name, nn.Parameter(torch.empty(spec.rank, *shape, device=device, dtype=dtype)))
         self.bias = nn.Parameter(torch.empty(spec.weight_shape[0], device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Match the dense layer's kaiming-uniform weight variance: Var(W) = Var(a) Var(b) R.
+        # Match the dense layer's kaiming-uniform weight variance: Var(W) = R * prod_n Var(factor_n).
         fan_in = math.prod(self.spec.weight_shape[1:])
         std = (1.0 / (3 * fan_in)) ** 0.5  # Var of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        factor_std = (std / self.spec.rank**0.5) ** 0.5
-        nn.init.normal_(self.a, std=factor_std)
-        nn.init.normal_(self.b, std=factor_std)
+        factor_std = (std / self.spec.rank**0.5) ** (1 / self.spec.num_factors)
+        for factor in self.factors:
+            nn.init.normal_(factor, std=factor_std)
         if self.bias is not None:
             bound = 1 / fan_in**0.5
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @property
+    def factors(self) -> tuple[torch.Tensor, ...]:
+        """The factor parameters, in order: ``[R, *shape_n]`` each."""
+        return tuple(getattr(self, name) for name in FACTOR_NAMES[: self.spec.num_factors])
+
     def _load_factors(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        a, b = decompose(weight, self.spec)
         with torch.no_grad():
-            self.a.copy_(a)
-            self.b.copy_(b)
+            for factor, value in zip(self.factors, decompose(weight, self.spec)):
+                factor.copy_(value)
             if bias is not None:
                 self.bias.copy_(bias)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight the factors stand for (rebuilt on each access)."""
-        return reconstruct(self.a, self.b)
+        return reconstruct(*self.factors)
 
     def _choose(self, x: torch.Tensor, key: tuple, run) -> Path:
         if self.path != "auto":
@@ -135,12 +142,12 @@ class _KroneckerBase(nn.Module):
         full_key = (x.device, x.dtype, self.spec, key, batch, x.is_contiguous(memory_format=torch.channels_last),
                     torch.is_grad_enabled() and self.a.requires_grad)
         if full_key not in _AUTO_CHOICE:
-            _AUTO_CHOICE[full_key] = _measure_path(x, self.a, self.b, run)
+            _AUTO_CHOICE[full_key] = _measure_path(x, self.factors, run)
         return _AUTO_CHOICE[full_key]
 
 
 class KroneckerConv2d(_KroneckerBase):
-    """Conv2d whose weight is ``sum_r a[r] ⊗ b[r]``; exact for any factorization, stride, padding and dilation."""
+    """Conv2d whose weight is ``sum_r a[r] ⊗ b[r]`` (or N factors); exact for any factorization, stride, padding and dilation."""
 
     def __init__(
         self,
@@ -148,8 +155,9 @@ class KroneckerConv2d(_KroneckerBase):
         out_channels: int,
         kernel_size: int | tuple[int, int],
         *,
-        a_shape: tuple[int, int, int, int],
+        a_shape: tuple[int, int, int, int] | None = None,
         rank: int,
+        factor_shapes: Sequence[tuple[int, int, int, int]] | None = None,
         stride: int | tuple[int, int] = 1,
         padding: str | int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
@@ -173,7 +181,7 @@ class KroneckerConv2d(_KroneckerBase):
         if isinstance(padding, str) and padding == "same" and self.stride != (1, 1):
             raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
         self.pads = conv_pads(self.padding, self.kernel_size, self.dilation)
-        spec = KroneckerSpec((out_channels, in_channels, *self.kernel_size), a_shape, rank)
+        spec = KroneckerSpec((out_channels, in_channels, *self.kernel_size), a_shape, rank, factor_shapes)
         self._init_factors(spec, bias, path, device, dtype)
 
     @classmethod
@@ -184,7 +192,7 @@ class KroneckerConv2d(_KroneckerBase):
         if tuple(conv.weight.shape) != spec.weight_shape:
             raise ValueError(f"spec weight_shape {spec.weight_shape} does not match conv weight {tuple(conv.weight.shape)}")
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, a_shape=spec.a_shape, rank=spec.rank,
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank=spec.rank, factor_shapes=spec.factor_shapes,
             stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
             bias=conv.bias is not None, padding_mode=conv.padding_mode, path=path,
             device=conv.weight.device, dtype=conv.weight.dtype,
@@ -195,13 +203,13 @@ class KroneckerConv2d(_KroneckerBase):
     def geometry(self, in_hw: tuple[int, int]) -> ConvGeometry:
         return ConvGeometry(in_hw, self.stride, self.dilation, self.pads)
 
-    def _run(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, path: Path) -> torch.Tensor:
-        return kronecker_conv2d(x, a, b, self.bias, stride=self.stride, dilation=self.dilation, pads=self.pads, path=path)
+    def _run(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: Path) -> torch.Tensor:
+        return kronecker_conv2d(x, factors, self.bias, stride=self.stride, dilation=self.dilation, pads=self.pads, path=path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The geometry, not just the input size: stride, dilation and pads change what each path costs.
         path = self._choose(x, (tuple(x.shape[-2:]), self.stride, self.dilation, self.pads), self._run)
-        return self._run(x, self.a, self.b, path)
+        return self._run(x, self.factors, path)
 
     def to_dense(self) -> nn.Conv2d:
         """An nn.Conv2d with the reconstructed weight (and the same bias)."""
@@ -231,8 +239,9 @@ class KroneckerLinear(_KroneckerBase):
         in_features: int,
         out_features: int,
         *,
-        a_shape: tuple[int, int],
+        a_shape: tuple[int, int] | None = None,
         rank: int,
+        factor_shapes: Sequence[tuple[int, int]] | None = None,
         bias: bool = True,
         path: LayerPath = "auto",
         device=None,
@@ -240,7 +249,7 @@ class KroneckerLinear(_KroneckerBase):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        spec = KroneckerSpec((out_features, in_features), a_shape, rank)
+        spec = KroneckerSpec((out_features, in_features), a_shape, rank, factor_shapes)
         self._init_factors(spec, bias, path, device, dtype)
 
     @classmethod
@@ -252,7 +261,7 @@ class KroneckerLinear(_KroneckerBase):
             raise ValueError(
                 f"spec weight_shape {spec.weight_shape} does not match linear weight {tuple(linear.weight.shape)}"
             )
-        layer = cls(linear.in_features, linear.out_features, a_shape=spec.a_shape, rank=spec.rank,
+        layer = cls(linear.in_features, linear.out_features, rank=spec.rank, factor_shapes=spec.factor_shapes,
                     bias=linear.bias is not None, path=path, device=linear.weight.device, dtype=linear.weight.dtype)
         layer._load_factors(linear.weight, linear.bias)
         return layer
@@ -260,12 +269,12 @@ class KroneckerLinear(_KroneckerBase):
     def geometry(self, rows: int = 1) -> ConvGeometry:
         return ConvGeometry((rows, 1))
 
-    def _run(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, path: Path) -> torch.Tensor:
-        return kronecker_linear(x, a, b, self.bias, path=path)
+    def _run(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: Path) -> torch.Tensor:
+        return kronecker_linear(x, factors, self.bias, path=path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._choose(x, tuple(x.shape[1:-1]), self._run)
-        return self._run(x, self.a, self.b, path)
+        return self._run(x, self.factors, path)
 
     def to_dense(self) -> nn.Linear:
         """An nn.Linear with the reconstructed weight (and the same bias)."""

@@ -126,23 +126,47 @@ def test_plan_document_format(tmp_path: Path) -> None:
     save_plan(plan, tmp_path / "plan.json", meta={"note": "x"})
     assert json.loads((tmp_path / "plan.json").read_text()) == {
         "format": "gkpd-plan",
-        "version": 1,
+        "version": 2,
         "layers": {
-            "features.0": {"weight_shape": [8, 4, 3, 3], "a_shape": [2, 2, 3, 1], "b_shape": [4, 2, 1, 3], "rank": 3},
-            "fc": {"weight_shape": [10, 16], "a_shape": [2, 4], "b_shape": [5, 4], "rank": 2},
+            "features.0": {"weight_shape": [8, 4, 3, 3], "factor_shapes": [[2, 2, 3, 1], [4, 2, 1, 3]],
+                           "a_shape": [2, 2, 3, 1], "b_shape": [4, 2, 1, 3], "rank": 3},
+            "fc": {"weight_shape": [10, 16], "factor_shapes": [[2, 4], [5, 4]], "a_shape": [2, 4], "b_shape": [5, 4],
+                   "rank": 2},
         },
         "meta": {"note": "x"},
     }
-    assert plan_to_dict(plan)["meta"] == {} and (PLAN_FORMAT, PLAN_VERSION) == ("gkpd-plan", 1)
+    assert plan_to_dict(plan)["meta"] == {} and (PLAN_FORMAT, PLAN_VERSION) == ("gkpd-plan", 2)
+
+
+def test_n_factor_plans_round_trip_to_the_same_model(resnet, tmp_path: Path) -> None:
+    cp = KroneckerSpec((8, 8, 3, 3), rank=5, factor_shapes=[(8, 1, 1, 1), (1, 8, 1, 1), (1, 1, 3, 1), (1, 1, 1, 3)])
+    three = KroneckerSpec((8, 8, 3, 3), rank=4, factor_shapes=[(2, 1, 3, 1), (2, 4, 1, 1), (2, 2, 1, 3)])
+    plan = {"layer1.conv1": cp, "layer1.conv2": three}
+    save_plan(plan, tmp_path / "plan.json")
+    entry = json.loads((tmp_path / "plan.json").read_text())["layers"]["layer1.conv1"]
+    assert entry == {"weight_shape": [8, 8, 3, 3], "factor_shapes": [[8, 1, 1, 1], [1, 8, 1, 1], [1, 1, 3, 1], [1, 1, 1, 3]],
+                     "rank": 5}
+    loaded = load_plan(tmp_path / "plan.json", model=resnet())
+    assert loaded == plan
+    model = resnet()
+    first, second = kroneckerize(model, plan).state_dict(), kroneckerize(model, loaded).state_dict()
+    assert {k for k in first if k.startswith("layer1.conv1.")} == {f"layer1.conv1.{n}" for n in "abcd"}
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_version_1_plans_are_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": "gkpd-plan", "version": 1, "layers": {"conv": GOOD_ENTRY}}))
+    assert load_plan(path) == {"conv": KroneckerSpec((8, 4, 3, 3), (2, 2, 3, 1), 3)}
 
 
 GOOD_ENTRY = {"weight_shape": [8, 4, 3, 3], "a_shape": [2, 2, 3, 1], "b_shape": [4, 2, 1, 3], "rank": 3}
 
 
 def _doc(**changes) -> dict:
-    doc = {"format": "gkpd-plan", "version": 1, "layers": {"conv": dict(GOOD_ENTRY)}}
+    doc = {"format": "gkpd-plan", "version": 2, "layers": {"conv": dict(GOOD_ENTRY)}}
     for key, value in changes.items():
-        if key in GOOD_ENTRY:
+        if key in GOOD_ENTRY or key == "factor_shapes":
             doc["layers"]["conv"][key] = value
         else:
             doc[key] = value
@@ -162,12 +186,15 @@ def _without(key: str) -> dict:
         ("[1, 2]", r"expected a JSON object, got list"),
         (_doc(format="other"), r"'format' must be 'gkpd-plan', got 'other'"),
         ({"version": 1, "layers": {}}, r"'format' must be 'gkpd-plan', got None"),
-        (_doc(version=2), r"unsupported version 2; this reader knows 1"),
+        (_doc(version=3), r"unsupported version 3; this reader knows 1, 2"),
         (_doc(version="1"), r"unsupported version '1'"),
         (_doc(layers=[]), r"'layers' must be an object"),
-        (_doc(layers={"conv": [8, 4, 3, 3]}), r"layer 'conv' needs 'weight_shape', 'a_shape' and 'rank'"),
-        (_without("rank"), r"layer 'conv' needs 'weight_shape', 'a_shape' and 'rank'"),
-        (_without("a_shape"), r"layer 'conv' needs 'weight_shape', 'a_shape' and 'rank'"),
+        (_doc(layers={"conv": [8, 4, 3, 3]}), r"layer 'conv' needs 'weight_shape', 'factor_shapes' \(or 'a_shape'\) and 'rank'"),
+        (_without("rank"), r"layer 'conv' needs 'weight_shape', 'factor_shapes' \(or 'a_shape'\) and 'rank'"),
+        (_without("a_shape"), r"layer 'conv' needs 'weight_shape', 'factor_shapes' \(or 'a_shape'\) and 'rank'"),
+        (_doc(factor_shapes=[[2, 2, 3, 1], [4, 2, 1, 1]]), r"layer 'conv': factor_shapes .* multiply to \(8, 4, 3, 1\)"),
+        (_doc(factor_shapes=[[2, 2, 3, 1]]), r"layer 'conv': factor_shapes needs at least two shapes, got 1"),
+        (_doc(factor_shapes=[[4, 2, 1, 3], [2, 2, 3, 1]]), r"layer 'conv': a_shape \(2, 2, 3, 1\) disagrees with factor_shapes\[0\]"),
         (_doc(rank=0), r"layer 'conv': rank 0 is out of range .* allowed 1\.\.12"),
         (_doc(rank=13), r"layer 'conv': rank 13 is out of range .* allowed 1\.\.12"),
         (_doc(rank=1.5), r"layer 'conv': rank must be an int, got 1\.5"),

@@ -55,7 +55,7 @@ def test_every_path_equals_conv_with_the_reconstructed_weight(case: dict) -> Non
     bias = torch.randn(expected.shape[1], dtype=torch.float64)
     for path in ("factorized", "materialized"):
         torch.testing.assert_close(
-            kronecker_conv2d(x, a, b, bias, path=path, **kwargs), expected + bias[:, None, None], **TOL
+            kronecker_conv2d(x, (a, b), bias, path=path, **kwargs), expected + bias[:, None, None], **TOL
         )
 
 
@@ -81,7 +81,7 @@ def test_default_order_is_the_cheaper_one() -> None:
 def test_unknown_path_raises() -> None:
     x, a, b = torch.zeros(1, 4, 3, 3), torch.zeros(1, 2, 2, 1, 1), torch.zeros(1, 2, 2, 3, 3)
     with pytest.raises(ValueError, match=r"unknown path 'fast': allowed \('factorized', 'materialized'\)"):
-        kronecker_conv2d(x, a, b, path="fast")  # type: ignore[arg-type]
+        kronecker_conv2d(x, (a, b), path="fast")  # type: ignore[arg-type]
 
 
 @settings(max_examples=40, deadline=None)
@@ -99,4 +99,4 @@ def test_linear_equals_f_linear(f1, f2, c1, c2, rank, lead, bias, seed) -> None:
     expected = F.linear(x, reconstruct(a, b), bias_)
     assert expected.shape == (*lead, f1 * f2)
     for path in ("factorized", "materialized"):
-        torch.testing.assert_close(kronecker_linear(x, a, b, bias_, path=path), expected, **TOL)
+        torch.testing.assert_close(kronecker_linear(x, (a, b), bias_, path=path), expected, **TOL)

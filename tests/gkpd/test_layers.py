@@ -211,9 +211,9 @@ def test_auto_measures_once_per_setting_and_stays_exact(monkeypatch: pytest.Monk
     calls: list[tuple] = []
     measure = gkpd.layers._measure_path
 
-    def recording(x, a, b, run):
-        calls.append((tuple(x.shape), a.requires_grad and torch.is_grad_enabled()))
-        choice = measure(x, a, b, run)
+    def recording(x, factors, run):
+        calls.append((tuple(x.shape), factors[0].requires_grad and torch.is_grad_enabled()))
+        choice = measure(x, factors, run)
         assert choice in ("factorized", "materialized")
         return choice
 
@@ -238,10 +238,10 @@ def test_auto_measures_once_per_setting_and_stays_exact(monkeypatch: pytest.Monk
 def _fake_paths(seconds: dict[str, float], calls: list[tuple[str, int]]):
     """A `run` for _measure_path whose paths take fixed times per row, recording (path, rows) per call."""
 
-    def run(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, path: str) -> torch.Tensor:
+    def run(x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: str) -> torch.Tensor:
         calls.append((path, len(x)))
         time.sleep(seconds[path] * len(x))
-        return x.sum() * a.sum() * b.sum()
+        return x.sum() * factors[0].sum() * factors[1].sum()
 
     return run
 
@@ -250,7 +250,7 @@ def test_auto_probe_keeps_a_far_slower_path_off_the_whole_batch() -> None:
     calls: list[tuple[str, int]] = []
     rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
     run = _fake_paths({"materialized": 2e-5, "factorized": 1e-3}, calls)  # 50x apart
-    assert gkpd.layers._measure_path(rows, a, b, run) == "materialized"
+    assert gkpd.layers._measure_path(rows, (a, b), run) == "materialized"
     probe = gkpd.layers.PROBE_ROWS
     assert calls == [("materialized", probe)] * 2 + [("factorized", probe)] * 2  # warm-up + one timing each
 
@@ -259,7 +259,7 @@ def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster() -> Non
     calls: list[tuple[str, int]] = []
     rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
     run = _fake_paths({"materialized": 3e-4, "factorized": 1.5e-4}, calls)  # 2x apart: both go on
-    assert gkpd.layers._measure_path(rows, a, b, run, repeats=2) == "factorized"
+    assert gkpd.layers._measure_path(rows, (a, b), run, repeats=2) == "factorized"
     assert [c for c in calls if c[1] == 64] == [("materialized", 64)] * 3 + [("factorized", 64)] * 3
 
 
