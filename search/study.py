@@ -87,9 +87,15 @@ def check_identity(wanted: dict[str, Any], found: dict[str, Any] | None, study_n
 
 def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds: Sequence[tuple[str, dict]], *,
                identity: dict[str, Any]) -> optuna.Study:
+def _quiet_optuna() -> None:
+    # Our log says how each trial ended, in one line; Optuna's warnings repeat it with a traceback (also for
+    # Ctrl-C and SIGTERM). Errors Optuna cannot handle are still raised.
+    optuna.logging.set_verbosity(logging.ERROR)
+
+
     """Create the study (enqueueing the seeds once) or load it to resume; refuse a different identity."""
     check_identity(identity, existing_identity(storage, config.study_name), config.study_name)
-    optuna.logging.set_verbosity(logging.WARNING)
+    _quiet_optuna()
     sampler = make_sampler(config, startup_trials=len(seeds) + 2)
     try:
         study = optuna.create_study(study_name=config.study_name, storage=storage, sampler=sampler,
@@ -108,7 +114,7 @@ def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds
 def join_study(config: SearchConfig, storage: optuna.storages.BaseStorage, *, identity: dict[str, Any],
                sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     """Load an existing study (never create one) and check its identity."""
-    optuna.logging.set_verbosity(logging.WARNING)
+    _quiet_optuna()
     sampler = sampler or make_sampler(config, startup_trials=2)
     try:
         study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler)
