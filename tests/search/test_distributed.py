@@ -124,6 +124,41 @@ def test_two_workers_on_postgresql_share_one_study(worker_env, postgres_url, sea
     assert (tmp_path / "run" / "pareto.csv").is_file() and (tmp_path / "run" / "best" / "plan.json").is_file()
 
 
+def test_the_readme_postgresql_url_with_a_password_opens_and_stays_secret(postgres_url, tmp_path: Path) -> None:
+    """``postgresql://USER:PASSWORD@HOST:PORT/DB`` as the README writes it, with the postgres extra's driver
+    (SQLAlchemy 2.1 alone maps a bare postgresql:// to psycopg 3). The test server trusts loopback, so any
+    password connects; what matters is that none is printed or written."""
+    from search.config import SearchConfig
+    from search.run import claim_run_dir, read_run_file
+
+    assert postgres_url.startswith("postgresql://postgres@")
+    url = postgres_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
+    study = optuna.create_study(study_name="readme", storage=open_storage(url))
+    study.enqueue_trial({"x": 1.0})
+    assert [t.state for t in trials_of(postgres_url, "readme")] == [TrialState.WAITING]
+    claim_run_dir(SearchConfig(budget_mflops=25.0, storage=url, study_name="readme", out=tmp_path))
+    assert "s3cret" not in (tmp_path / "run.json").read_text()
+    assert read_run_file(tmp_path).storage == postgres_url
+
+
+def test_sigterm_is_handled_like_ctrl_c(worker_env, search_args, tmp_path: Path) -> None:
+    """A batch system's SIGTERM to the search process: the running trial is marked failed (not left RUNNING
+    until the heartbeat grace), the report is written, nothing is exported, and the exit status is 143."""
+    out, storage, name, log = tmp_path / "run", f"sqlite:///{tmp_path / 'run' / 'study.db'}", "terminated", \
+        tmp_path / "search.log"
+    search = start(search_args(out, name, 20, "--finetune-steps", "40"), worker_env, log)
+    wait_for(running_after_finished(storage, name, 0), "a running trial")
+    search.send_signal(signal.SIGTERM)
+    code = finish(search, log, timeout=120)
+    text = log.read_text()
+    assert code == 143, text[-4000:]
+    trials = trials_of(storage, name)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], "no trial left RUNNING"
+    assert any(t.state == TrialState.FAIL for t in trials)
+    assert (out / "trials.csv").is_file() and not (out / "best").exists(), "report written, nothing exported"
+    assert "best/" not in text and "Traceback" not in text
+
+
 def test_workers_starting_together_on_a_new_postgresql_database_all_open_it(postgres_url, tmp_path: Path) -> None:
     """Four processes open a fresh database at the same instant (they race to create Optuna's tables)."""
     go = tmp_path / "go"

@@ -72,10 +72,10 @@ def test_an_over_budget_proposal_is_told_infeasible_and_its_repair_runs_as_its_o
                                 sampler=make_sampler(config, startup_trials=1))
     dense = space.params_from_plan({})  # every layer dense: 31.3 MFLOPs, over the 10 MFLOPs budget
     study.enqueue_trial(dense)
-    ran = run_one(study, make_objective(SimpleNamespace(config=config, space=space)))
+    ran = run_one(study, make_objective(SimpleNamespace(config=config, space=space, scores=None)))
     assert len(study.trials) == 2
 
-    objective = make_objective(SimpleNamespace(config=config, space=space))
+    objective = make_objective(SimpleNamespace(config=config, space=space, scores=None))
     for _ in range(3):  # the sampler's own proposals, with the infeasible one in its history, run as well
         run_one(study, objective)
 
