@@ -17,7 +17,7 @@ import search.export
 from search.config import SearchConfig
 from search.export import export_model
 from search.files import atomic_text, create_text
-from search.run import check_run_dir, claim_run_dir, read_run_file
+from search.run import SearchFailed, Terminated, check_run_dir, claim_run_dir, read_run_file
 from search.storage import driver_url, open_storage, redact, without_password
 from search.study import join_study
 
@@ -147,3 +147,25 @@ def test_dependency_floors_cover_what_the_code_uses() -> None:
         req = Requirement(line)
         floors[req.name] = min((s.version for s in req.specifier if s.operator == ">="), default=None)
     assert floors["optuna"] == "5.0" and floors["torch"] == "2.5" and floors["torchvision"] == "0.20"
+
+
+@pytest.mark.parametrize("error, status, says", [
+    (OSError(28, "No space left on device", "/runs/x/study.db"), 1, "No space left on device: /runs/x/study.db"),
+    (SearchFailed("3 trials in a row failed; last: nan"), 1, "3 trials in a row"),
+    (ValueError("--out x is a file, not a directory"), 2, "is a file"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (Terminated(), 143, "interrupted"),
+])
+def test_main_turns_late_failures_into_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                error: BaseException, status: int, says: str) -> None:
+    import search.cli
+
+    def run(argv):
+        raise error
+
+    monkeypatch.setattr(search.cli, "run", run)
+    monkeypatch.delenv("GKPD_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        search.cli.main(["--budget-mflops", "25"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == status and len(lines) == 1 and says in lines[0], lines
