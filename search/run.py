@@ -225,7 +225,8 @@ def prepare_study(config: SearchConfig) -> tuple[Prepared, optuna.Study]:
     """Validate, build (or load) the teacher and space, and create the study with its seeds, or join it."""
     prepared = Prepared(config)
     space = prepared.space
-    seeds = [(tag, space.params_from_plan(plan)) for tag, plan in seed_plans(config, space)]
+    plans = seed_plans(config, space, scores=prepared.ctx.scores)  # by measured sensitivity (search.sensitivity)
+    seeds = [(tag, space.params_from_plan(plan)) for tag, plan in plans]
     study = open_study(config, prepared.storage, seeds, identity=prepared.identity)
     if "run" not in study.user_attrs:
         teacher = prepared.teacher_summary()

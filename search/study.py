@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from search.config import SearchConfig
 from search.progress import log
 from search.trial import FINETUNE_LR, Hopeless, Rival, TrialContext, run_trial
 from spaces import SearchSpace
+from spaces.space import Scores
 
 __all__ = [
     "make_sampler", "existing_identity", "check_identity", "study_identity", "space_digest", "open_study",
@@ -85,14 +87,14 @@ def check_identity(wanted: dict[str, Any], found: dict[str, Any] | None, study_n
                          "use the same settings to resume it, or another --study-name")
 
 
-def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds: Sequence[tuple[str, dict]], *,
-               identity: dict[str, Any]) -> optuna.Study:
 def _quiet_optuna() -> None:
     # Our log says how each trial ended, in one line; Optuna's warnings repeat it with a traceback (also for
     # Ctrl-C and SIGTERM). Errors Optuna cannot handle are still raised.
     optuna.logging.set_verbosity(logging.ERROR)
 
 
+def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage, seeds: Sequence[tuple[str, dict]], *,
+               identity: dict[str, Any]) -> optuna.Study:
     """Create the study (enqueueing the seeds once) or load it to resume; refuse a different identity."""
     check_identity(identity, existing_identity(storage, config.study_name), config.study_name)
     _quiet_optuna()
@@ -128,15 +130,18 @@ def join_study(config: SearchConfig, storage: optuna.storages.BaseStorage, *, id
     return study
 
 
-def seed_plans(config: SearchConfig, space: SearchSpace) -> list[tuple[str, gkpd.Plan]]:
-    """Warm starts: ``allocate`` at the budget and below it, and ``uniform`` at the budget."""
+def seed_plans(config: SearchConfig, space: SearchSpace, *, scores: Scores | None = None) -> list[tuple[str, gkpd.Plan]]:
+    """Warm starts: ``allocate`` at the budget and below it, and ``uniform`` at the budget.
+
+    ``scores`` (e.g. ``TrialContext.scores``, the measured sensitivity) is what ``allocate`` minimizes.
+    """
     plans: list[tuple[str, gkpd.Plan]] = []
     minimum = space.min_cost()
     for fraction in SEED_LADDER:
         budget = {key: value * fraction for key, value in config.budget.items()}
         if any(value < getattr(minimum, key) for key, value in budget.items()):
             continue
-        makers = [(f"allocate@{fraction:g}", space.allocate)]
+        makers = [(f"allocate@{fraction:g}", functools.partial(space.allocate, scores=scores))]
         if fraction == 1.0:
             makers.append(("uniform", space.uniform_for_budget))
         for tag, make in makers:
@@ -223,7 +228,7 @@ def make_objective(ctx: TrialContext):
             storage.record_heartbeat(trial._trial_id)
         params = {name: trial.suggest_categorical(name, choices) for name, choices in space.choices().items()}
         proposed = space.plan_from_params(params)
-        plan = space.repair(proposed, **config.budget)  # every evaluated plan is in budget by construction
+        plan = space.repair(proposed, **config.budget, scores=ctx.scores)  # in budget by construction
         cost = space.cost(proposed)
         # The constraints are the proposal's: an over-budget proposal is what the sampler must learn to avoid.
         for key, budget in config.budget.items():

@@ -23,7 +23,9 @@ import gkpd
 from search.config import SearchConfig
 from search.data import DataSplits
 from search.files import atomic_save
+from search.fit import fit_factors, summarize
 from search.progress import duration, log
+from search.sensitivity import SensitivityTable, calibration_images, load_or_measure
 from search.train import TeacherLogits, distill, evaluate, recalibrate_bn
 from spaces import SearchSpace
 
@@ -36,6 +38,11 @@ __all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "bui
 FINETUNE_LR = 0.04
 BN_BATCHES = 10
 SCREEN_IMAGES = 1000
+# Training images the Kronecker factors are fitted on after the SVD (search/fit.py); 0 keeps the SVD factors.
+FIT_IMAGES = 256
+# Measure each layer's sensitivity once per study and allocate by it (search/sensitivity.py); False: by the
+# sum of relative weight errors, as before.
+SENSITIVITY = True
 
 
 @dataclass(frozen=True)
@@ -75,15 +82,31 @@ class TrialContext:
     teacher: nn.Module
     space: SearchSpace
     device: torch.device
+    # Measured once per study (cached in the run directory, shared by every worker) unless given or disabled.
+    sensitivity: SensitivityTable | None = None
     teacher_logits: TeacherLogits = field(init=False)  # filled as trials fine-tune, reused by the next ones
 
     def __post_init__(self) -> None:
         self.teacher_logits = TeacherLogits(self.teacher, self.data.train_x, device=self.device)
+        if self.sensitivity is None and SENSITIVITY:
+            self.sensitivity = load_or_measure(self.teacher, self.space, self.data.train_x, self.config.out,
+                                               device=self.device)
+
+    @property
+    def scores(self) -> dict | None:
+        """What ``space.allocate``/``repair`` minimize (``scores=``): the predicted loss, or None (the error sum)."""
+        return self.sensitivity.scores() if self.sensitivity is not None else None
 
 
-def build_student(ctx: TrialContext, plan: gkpd.Plan) -> nn.Module:
-    """The teacher decomposed by ``plan``, with batch-norm statistics re-estimated on training images."""
+def build_student(ctx: TrialContext, plan: gkpd.Plan, *, fit_images: int | None = None) -> nn.Module:
+    """The teacher decomposed by ``plan``, factors fitted to the teacher's layer outputs on ``fit_images``
+    training images (default ``FIT_IMAGES``; 0: SVD factors), batch-norm statistics re-estimated."""
     student = gkpd.kroneckerize(ctx.teacher, plan).to(ctx.device)
+    fit_images = FIT_IMAGES if fit_images is None else fit_images
+    if fit_images and plan:
+        start = time.perf_counter()
+        fits = fit_factors(student, ctx.teacher, calibration_images(ctx.data.train_x, fit_images), device=ctx.device)
+        log(f"  fit: {summarize(fits)} ({duration(time.perf_counter() - start)})")
     recalibrate_bn(student, ctx.data.train_x, batches=BN_BATCHES, batch_size=ctx.config.batch_size, device=ctx.device)
     return student
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,11 @@ from spaces import knapsack
 from spaces.candidates import Candidate, LayerSpace, SpectrumCache, make_candidate, pareto, thin
 from spaces.presets import PRESETS, UNIFORM_RATIOS, UNIFORM_RULES, a_shapes, rank_grid
 
-__all__ = ["Cost", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES"]
+__all__ = ["Cost", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES", "Scores"]
+
+# Per-layer score of a candidate that allocate/repair minimize instead of the weighted relative error, e.g. a
+# measured loss interpolated over the layer's candidates (search.sensitivity). Layers not named keep the error.
+Scores = Mapping[str, Callable[[Candidate], float]]
 
 DEFAULT_MAX_CANDIDATES = 32
 _MIXES = 11  # with both budgets: Lagrangian cost mixes tried, from all-MACs to all-params
@@ -153,10 +157,12 @@ class SearchSpace:
     # -- feasible plans ----------------------------------------------------------------------------------------
 
     def repair(self, plan: Mapping[str, KroneckerSpec], *, mflops: float | None = None,
-               mparams: float | None = None, weights: Mapping[str, float] | None = None) -> Plan:
+               mparams: float | None = None, weights: Mapping[str, float] | None = None,
+               scores: Scores | None = None) -> Plan:
         """A plan within budget: greedily move layers to cheaper candidates, least added error per unit of overrun
         removed first. A plan already within budget comes back unchanged. Specs that are not candidates are
-        accepted (their cost and error are computed); a layer that is moved gets a candidate."""
+        accepted (their cost and error are computed); a layer that is moved gets a candidate. ``scores`` replace
+        the weighted error of the layers they name."""
         self.check_budget(mflops=mflops, mparams=mparams)
         current = self._resolve(plan)
         if self._fits(self.cost(plan), mflops, mparams):
@@ -169,13 +175,13 @@ class SearchSpace:
             if chosen not in opts:
                 opts.append(chosen)  # an outside spec stays available: repair may keep it
             selection.append(opts.index(chosen))
-        problem = self._problem(names, options, mflops, mparams, weights)
+        problem = self._problem(names, options, mflops, mparams, weights, scores)
         selection = knapsack.repair(problem, torch.tensor(selection))
         return self._plan(names, options, selection)
 
     def allocate(self, *, mflops: float | None = None, mparams: float | None = None,
-                 weights: Mapping[str, float] | None = None) -> Plan:
-        """The feasible plan of least total weighted error (multiple-choice knapsack).
+                 weights: Mapping[str, float] | None = None, scores: Scores | None = None) -> Plan:
+        """The feasible plan of least total weighted error, or of least total score (multiple-choice knapsack).
 
         Lagrangian relaxation (per layer argmin error + λ·cost, λ bisected to the smallest feasible value), then
         repair, then the leftover budget is spent greedily. With both budgets, the cost is a mix
@@ -184,7 +190,7 @@ class SearchSpace:
         self.check_budget(mflops=mflops, mparams=mparams)
         names = list(self.layers)
         options = [list(self.layers[n].candidates) for n in names]
-        problem = self._problem(names, options, mflops, mparams, weights)
+        problem = self._problem(names, options, mflops, mparams, weights, scores)
         if mflops is not None and mparams is not None:
             mixes = [torch.tensor([t / (_MIXES - 1), 1 - t / (_MIXES - 1)], dtype=torch.float64) for t in range(_MIXES)]
         else:
@@ -267,13 +273,19 @@ class SearchSpace:
         return (mflops is None or cost.macs <= mflops * 1e6) and (mparams is None or cost.params <= mparams * 1e6)
 
     def _problem(self, names: list[str], options: list[list[Candidate]], mflops: float | None,
-                 mparams: float | None, weights: Mapping[str, float] | None) -> knapsack.Problem:
+                 mparams: float | None, weights: Mapping[str, float] | None,
+                 scores: Scores | None = None) -> knapsack.Problem:
         w = self._weights(weights)
+        unknown = sorted(set(scores or {}) - set(self.layers))
+        if unknown:
+            raise ValueError(f"scores name layer {unknown[0]!r}, which is not searchable; "
+                             f"searchable layers: {_listed(list(self.layers))}")
         units = [u for u, b in (("macs", mflops), ("params", mparams)) if b is not None]
         budgets = tuple(b * 1e6 for b in (mflops, mparams) if b is not None)
         fixed = tuple(getattr(self._baseline, u) - sum(getattr(self.layers[n].dense, u) for n in names) for u in units)
         costs = [[tuple(getattr(c, u) for u in units) for c in opts] for opts in options]
-        errors = [[w[n] * c.error for c in opts] for n, opts in zip(names, options)]
+        score = {n: (scores[n] if scores and n in scores else lambda c, n=n: w[n] * c.error) for n in names}
+        errors = [[float(score[n](c)) for c in opts] for n, opts in zip(names, options)]
         return knapsack.Problem(costs, errors, fixed, budgets)
 
     @staticmethod
