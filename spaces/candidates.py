@@ -9,17 +9,35 @@ from dataclasses import dataclass
 
 import torch
 
-from gkpd import KroneckerSpec, LayerInfo, error_spectrum
+from gkpd import KroneckerSpec, LayerInfo, error_spectrum, fit_error
 
-__all__ = ["DENSE", "Candidate", "LayerSpace", "candidate_key", "pareto", "thin", "SpectrumCache"]
+__all__ = ["DENSE", "Candidate", "LayerSpace", "candidate_key", "family", "pareto", "thin", "SpectrumCache"]
 
 DENSE = "dense"
 _ERROR_DIGITS = 9  # errors are rounded before comparisons, so every machine prunes to the same choice lists
 
 
 def candidate_key(spec: KroneckerSpec | None) -> str:
-    """The stable choice string of a spec: ``"dense"`` or ``"32x16x3x1/r12"`` (a_shape, then rank)."""
-    return DENSE if spec is None else "x".join(map(str, spec.a_shape)) + f"/r{spec.rank}"
+    """The stable choice string of a spec: ``"dense"``, ``"32x16x3x1/r12"`` (two factors: a_shape, then rank) or
+    ``"64x1x1x1*1x32x1x1*1x1x3x1*1x1x1x3/r20"`` (more factors: every shape, then rank)."""
+    if spec is None:
+        return DENSE
+    shapes = (spec.a_shape,) if spec.num_factors == 2 else spec.factor_shapes
+    return "*".join("x".join(map(str, s)) for s in shapes) + f"/r{spec.rank}"
+
+
+def family(spec: KroneckerSpec | None) -> str:
+    """What kind of factorization a spec is, for reports: ``dense``, ``svd`` (two factors, one of them only the
+    output channels: a low-rank matrix), ``cp`` (one factor per mode, any order) or ``kron2``, ``kron3``, ..."""
+    if spec is None:
+        return DENSE
+    shapes, weight = spec.factor_shapes, spec.weight_shape
+    if spec.num_factors == 2 and any(s[0] == weight[0] == math.prod(s) for s in shapes):
+        return "svd"
+    corner = [tuple(w if i == mode else 1 for i in range(len(weight))) for mode, w in enumerate(weight)]
+    if sorted(shapes) == sorted(s for s in corner if math.prod(s) > 1):  # a 1-channel or 1-wide mode needs no factor
+        return "cp"
+    return f"kron{spec.num_factors}"
 
 
 @dataclass(frozen=True)
@@ -70,11 +88,13 @@ class LayerSpace:
 
 
 class SpectrumCache:
-    """Relative-error spectra per (layer, a_shape): one float64 SVD gives the error of every rank."""
+    """Relative errors per layer: two factors from spectra per (layer, a_shape), where one float64 SVD gives the
+    error of every rank; more factors from one CP-ALS fit per (layer, factor shapes, rank), cached in gkpd."""
 
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self._weights = weights
         self._spectra: dict[tuple[str, tuple[int, ...]], list[float]] = {}
+        self._fits: dict[tuple, float] = {}
 
     def errors(self, name: str, a_shape: tuple[int, ...]) -> list[float]:
         """``[max_rank]``: entry R-1 is the relative Frobenius error at rank R."""
@@ -85,10 +105,17 @@ class SpectrumCache:
         return self._spectra[key]
 
     def error(self, name: str, spec: KroneckerSpec | None) -> float:
-        return 0.0 if spec is None else self.errors(name, spec.a_shape)[spec.rank - 1]
+        if spec is None:
+            return 0.0
+        if spec.num_factors > 2:
+            key = (name, spec.factor_shapes, spec.rank)
+            if key not in self._fits:
+                self._fits[key] = round(fit_error(self._weights[name], spec), _ERROR_DIGITS)
+            return self._fits[key]
+        return self.errors(name, spec.a_shape)[spec.rank - 1]
 
     def __len__(self) -> int:
-        return len(self._spectra)
+        return len(self._spectra) + len(self._fits)
 
 
 def make_candidate(info: LayerInfo, spec: KroneckerSpec | None, error: float) -> Candidate:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from gkpd import KroneckerSpec, LayerInfo, Plan, compressible_layers, count_macs, count_params
 from spaces import knapsack
 from spaces.candidates import Candidate, LayerSpace, SpectrumCache, make_candidate, pareto, thin
-from spaces.presets import PRESETS, UNIFORM_RATIOS, UNIFORM_RULES, a_shapes, rank_grid
+from spaces.presets import PRESETS, UNIFORM_RATIOS, UNIFORM_RULES, a_shapes, multi_rank_grid, multi_shapes, rank_grid
 
 __all__ = ["Cost", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES", "Scores"]
 
@@ -313,6 +313,17 @@ def _layer_candidates(info: LayerInfo, spectra: SpectrumCache, preset_name: str,
             grid = sorted({int(r) for r in ranks if 1 <= r <= len(errors)})
         for rank in grid:
             candidate = make_candidate(info, KroneckerSpec(info.weight_shape, a_shape, rank), errors[rank - 1])
+            if candidate.macs < dense.macs or candidate.params < dense.params:
+                pool.append(candidate)
+    for shapes in multi_shapes(info.weight_shape, preset):
+        top = KroneckerSpec(info.weight_shape, rank=1, factor_shapes=shapes).max_rank
+        if ranks is None or isinstance(ranks, str):
+            grid = multi_rank_grid(info.weight_shape, shapes, top)
+        else:
+            grid = sorted({int(r) for r in ranks if 1 <= r <= top})
+        for rank in grid:
+            spec = KroneckerSpec(info.weight_shape, rank=rank, factor_shapes=shapes)
+            candidate = make_candidate(info, spec, spectra.error(info.name, spec))
             if candidate.macs < dense.macs or candidate.params < dense.params:
                 pool.append(candidate)
     keep = [c for c in keep if c.spec is not None]

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from gkpd import KroneckerConv2d, KroneckerLinear, count_macs, count_params, decompose, reconstruct
 from spaces import DENSE, PRESETS, Candidate, SearchSpace, build_space
-from spaces.candidates import pareto, thin
+from spaces.candidates import family, pareto, thin
 
 TINY_INPUT = (3, 16, 16)
 
@@ -31,12 +31,13 @@ def test_candidate_cost_equals_fvcore_on_the_built_layer(resnet18: nn.Module, sp
         module, spec = modules[name], candidate.spec
         if isinstance(module, nn.Conv2d):
             # Cost does not depend on the factor values: a fresh layer (no SVD) is enough.
-            built = KroneckerConv2d(module.in_channels, module.out_channels, module.kernel_size, a_shape=spec.a_shape,
-                                    rank=spec.rank, stride=module.stride, padding=module.padding,
+            built = KroneckerConv2d(module.in_channels, module.out_channels, module.kernel_size,
+                                    factor_shapes=spec.factor_shapes, rank=spec.rank, stride=module.stride, padding=module.padding,
                                     dilation=module.dilation, bias=module.bias is not None)
             sample = (module.in_channels, *layer.info.geometry.in_hw)
         else:
-            built = KroneckerLinear(module.in_features, module.out_features, a_shape=spec.a_shape, rank=spec.rank,
+            built = KroneckerLinear(module.in_features, module.out_features, factor_shapes=spec.factor_shapes,
+                                    rank=spec.rank,
                                     bias=module.bias is not None)
             sample = (module.in_features,)
         bias = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
@@ -113,6 +114,27 @@ def test_keys_are_a_shape_and_rank(space18: SearchSpace) -> None:
         shape, rank = candidate.key.split("/r")
         assert tuple(int(s) for s in shape.split("x")) == candidate.spec.a_shape
         assert int(rank) == candidate.spec.rank
+
+
+def test_small_kernels_get_cp_candidates_with_their_fitted_error(tiny: nn.Module) -> None:
+    space = build_space(tiny, TINY_INPUT)
+    modules = dict(tiny.named_modules())
+    found = 0
+    for name, layer in space.layers.items():
+        for candidate in layer.candidates[1:]:
+            if family(candidate.spec) != "cp":
+                continue
+            found += 1
+            f, c, kh, kw = candidate.spec.weight_shape
+            shapes = "*".join("x".join(map(str, s)) for s in candidate.spec.factor_shapes)
+            assert candidate.key == f"{shapes}/r{candidate.spec.rank}"
+            assert space.plan_from_params({**{n: "dense" for n in space.choices()}, name: candidate.key}) == {
+                name: candidate.spec}
+            weight = modules[name].weight.detach().double()
+            measured = float((reconstruct(*decompose(weight, candidate.spec)) - weight).norm() / weight.norm())
+            assert candidate.error == pytest.approx(measured, abs=1e-8)
+            assert candidate.params == candidate.spec.rank * (f + c + kh + kw) - candidate.spec.rank * (c == 1)
+    assert found
 
 
 def test_paper_preset_uses_separable_spatial_factors(tiny: nn.Module) -> None:
