@@ -23,6 +23,7 @@ from search.config import SearchConfig
 from search.progress import log
 from search.trial import FINETUNE_LR, Hopeless, Rival, TrialContext, run_trial
 from spaces import SearchSpace
+from spaces.candidates import family
 from spaces.space import Scores
 
 __all__ = [
@@ -144,6 +145,9 @@ def seed_plans(config: SearchConfig, space: SearchSpace, *, scores: Scores | Non
         makers = [(f"allocate@{fraction:g}", functools.partial(space.allocate, scores=scores))]
         if fraction == 1.0:
             makers.append(("uniform", space.uniform_for_budget))
+            if any(family(c.spec) == "cp" for layer in space.layers.values() for c in layer.candidates):
+                # Every layer CP or dense: the frontier then holds the plain CP decomposition at the budget.
+                makers.append(("allocate-cp", functools.partial(space.allocate, scores=scores, families={"cp"})))
         for tag, make in makers:
             try:
                 plans.append((tag, make(**budget)))

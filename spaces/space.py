@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from gkpd import KroneckerSpec, LayerInfo, Plan, compressible_layers, count_macs, count_params
 from spaces import knapsack
-from spaces.candidates import Candidate, LayerSpace, SpectrumCache, make_candidate, pareto, thin
+from spaces.candidates import Candidate, LayerSpace, SpectrumCache, family, make_candidate, pareto, thin
 from spaces.presets import PRESETS, UNIFORM_RATIOS, UNIFORM_RULES, a_shapes, multi_rank_grid, multi_shapes, rank_grid
 
 __all__ = ["Cost", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES", "Scores"]
@@ -180,16 +180,24 @@ class SearchSpace:
         return self._plan(names, options, selection)
 
     def allocate(self, *, mflops: float | None = None, mparams: float | None = None,
-                 weights: Mapping[str, float] | None = None, scores: Scores | None = None) -> Plan:
+                 weights: Mapping[str, float] | None = None, scores: Scores | None = None,
+                 families: Iterable[str] | None = None) -> Plan:
         """The feasible plan of least total weighted error, or of least total score (multiple-choice knapsack).
 
         Lagrangian relaxation (per layer argmin error + λ·cost, λ bisected to the smallest feasible value), then
         repair, then the leftover budget is spent greedily. With both budgets, the cost is a mix
         ``θ·MACs/budget + (1-θ)·params/budget``, solved for 11 values of θ; the least-error result is kept.
+        ``families`` (e.g. ``{"cp"}``, see ``spaces.candidates.family``) limits every layer to dense and those.
         """
         self.check_budget(mflops=mflops, mparams=mparams)
         names = list(self.layers)
         options = [list(self.layers[n].candidates) for n in names]
+        if families is not None:
+            allowed = set(families)
+            unknown = allowed - {family(c.spec) for layer in self.layers.values() for c in layer.candidates}
+            if unknown:
+                raise ValueError(f"no candidate of this space is of family {sorted(unknown)[0]!r}")
+            options = [[c for c in opts if c.spec is None or family(c.spec) in allowed] for opts in options]
         problem = self._problem(names, options, mflops, mparams, weights, scores)
         if mflops is not None and mparams is not None:
             mixes = [torch.tensor([t / (_MIXES - 1), 1 - t / (_MIXES - 1)], dtype=torch.float64) for t in range(_MIXES)]

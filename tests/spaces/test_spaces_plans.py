@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from gkpd import KroneckerSpec
 from spaces import DENSE, SearchSpace, build_space
+from spaces.candidates import family
 from spaces.knapsack import Problem, fill
 
 BUDGETS = [dict(mflops=120), dict(mflops=300), dict(mflops=420), dict(mparams=1.5), dict(mparams=6),
@@ -188,3 +189,16 @@ def test_fill_spends_free_improvements_first() -> None:
     problem = Problem([[(4,), (4,)], [(1,), (6,)]], [[1.0, 0.2], [1.0, 0.0]], (0,), (10.0,))
     selection = fill(problem, torch.tensor([0, 0]))
     assert selection.tolist() == [1, 1] and problem.feasible(selection)
+
+
+def test_allocate_within_cp_keeps_every_layer_cp_or_dense_and_in_budget() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    space = build_space(net, (3, 8, 8))
+    budget = space.baseline_cost().mparams * 0.6
+    plan = space.allocate(mparams=budget, families={"cp"})
+    assert plan and all(family(spec) == "cp" for spec in plan.values())
+    assert space.cost(plan).mparams <= budget
+    with pytest.raises(ValueError, match="no candidate of this space is of family 'tucker'"):
+        space.allocate(mparams=budget, families={"tucker"})
