@@ -60,11 +60,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def _moved(spec: KroneckerSpec, geometry: ConvGeometry) -> int:
-    """Elements per sample that the two steps of the cheaper order write (the second is R times the output)."""
-    first, second = spec.steps(geometry, spec.cheaper_order(geometry))
-    (f1, c1), (f2, c2) = spec.a_shape[:2], spec.b_shape[:2]
-    mid_channels = c1 * f2 if spec.cheaper_order(geometry) == "ba" else c2 * f1
-    return spec.rank * (mid_channels * math.prod(first["out_hw"]) + f1 * f2 * math.prod(second["out_hw"]))
+    """Elements per sample that the steps of the cheapest order write (each but the last keeps the rank axis)."""
+    steps = spec.steps(geometry, spec.cheaper_order(geometry))
+    sizes = [s[1] for s in spec.factor_shapes]
+    moved = 0
+    for i, step in enumerate(steps):
+        sizes[step["factor"]] = spec.factor_shapes[step["factor"]][0]
+        rank = 1 if i == len(steps) - 1 else spec.rank
+        moved += rank * math.prod(sizes) * math.prod(step["out_hw"])
+    return moved
 
 
 def pick_spec(shape: ConvShape, target: float) -> KroneckerSpec:
