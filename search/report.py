@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+import gkpd
 from search.files import atomic_text, atomic_write
 from search.pareto import pareto_front
 from search.progress import duration
+from spaces.candidates import family
 
 __all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table"]
 
@@ -40,10 +43,21 @@ def trials_frame(study: optuna.Study, *, baseline: dict[str, float]) -> pd.DataF
             "params_ratio": baseline["mparams"] / mparams if mparams else None,
             "feasible": all(c <= 0 for c in t.constraints.values()) if t.state == TrialState.COMPLETE else None,
             "layers_decomposed": len(attrs.get("plan", {})),
+            "families": families_of(attrs.get("plan", {})),
             "seconds": round(attrs["seconds"], 1) if "seconds" in attrs else None,
             "note": attrs.get("stopped") or attrs.get("fail_reason") or _repair_note(attrs),
         })
     return pd.DataFrame(rows)
+
+
+def families_of(layers: dict[str, Any]) -> str:
+    """How many layers of a stored plan are of each family, e.g. ``"cp:20 kron2:8 svd:2"`` (see spaces.candidates)."""
+    try:
+        plan = gkpd.plan_from_dict({"format": gkpd.PLAN_FORMAT, "version": gkpd.PLAN_VERSION, "layers": layers})
+    except ValueError:
+        return "?"
+    counts = Counter(family(spec) for spec in plan.values())
+    return " ".join(f"{name}:{count}" for name, count in sorted(counts.items()))
 
 
 def _repair_note(attrs: dict[str, Any]) -> str:
@@ -126,7 +140,7 @@ def write_report(study: optuna.Study, out: Path, *, objective: str, budget: floa
         _plot(trials, pareto, out / "pareto.png", budget=budget, objective=objective, teacher=teacher)
     best = best_row(pareto)
     columns = ["trial", "seed", "val_accuracy", "test_accuracy", "mflops", "gflops_torch", "mparams",
-               "flops_ratio", "params_ratio"]
+               "flops_ratio", "params_ratio", "families"]
     counts = trials.state.value_counts().to_dict() if not trials.empty else {}
     lines = [
         f"# gkpd-search: {run['study_name']}",
