@@ -304,6 +304,31 @@ def test_nan_loss_and_out_of_memory_fail_the_trial_and_the_study_goes_on(
     assert "FloatingPointError: loss is nan" in report and "OutOfMemoryError" in report
 
 
+def test_three_failures_in_a_row_write_the_report_then_stop_with_one_error(
+    teacher_cache: Path, search_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import search.trial
+    from search.cli import config_from_args, parse_args
+    from search.run import SearchFailed, run_search
+
+    def distill(*args, **kwargs):
+        raise FloatingPointError("loss is nan at step 1")
+
+    monkeypatch.setattr(search.trial, "distill", distill)
+    monkeypatch.setenv("GKPD_CACHE", str(teacher_cache))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = config_from_args(parse_args(search_args(tmp_path / "run", "broken", 5, "--prune-margin", "1")))
+        with pytest.raises(SearchFailed, match="3 trials in a row failed .*loss is nan at step 1"):
+            run_search(config)
+    finally:
+        torch.set_num_threads(threads)
+    assert [t.state for t in trials_of(config.storage_url, "broken")] == [TrialState.FAIL] * 3
+    assert (tmp_path / "run" / "trials.csv").read_text().count("FloatingPointError: loss is nan") == 3
+    assert not (tmp_path / "run" / "best").exists()
+
+
 def _loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1 is loopback too
