@@ -37,11 +37,40 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): channel gates from the pooled map through two linear layers."""
+
+    def __init__(self, channels: int, *, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+class SEBasicBlock(BasicBlock):
+    """A basic block whose residual branch is gated by squeeze-and-excitation before the sum."""
+
+    def __init__(self, in_planes: int, planes: int, *, stride: int) -> None:
+        super().__init__(in_planes, planes, stride=stride)
+        self.se = SqueezeExcite(planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(out + self.downsample(x))
+
+
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for small images (He et al. 2016, sec. 4.2): 16/32/64 channels, 3 stages."""
 
-    def __init__(self, depth: int, *, in_channels: int = 3, num_classes: int = 10) -> None:
+    def __init__(self, depth: int, *, in_channels: int = 3, num_classes: int = 10,
+                 block: type[BasicBlock] = BasicBlock) -> None:
         super().__init__()
+        self.block = block
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, ...), got {depth}")
         n = (depth - 2) // 6
@@ -57,10 +86,9 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    @staticmethod
-    def _stage(in_planes: int, planes: int, blocks: int, *, stride: int) -> nn.Sequential:
-        layers = [BasicBlock(in_planes, planes, stride=stride)]
-        layers += [BasicBlock(planes, planes, stride=1) for _ in range(blocks - 1)]
+    def _stage(self, in_planes: int, planes: int, blocks: int, *, stride: int) -> nn.Sequential:
+        layers = [self.block(in_planes, planes, stride=stride)]
+        layers += [self.block(planes, planes, stride=1) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +112,11 @@ def resnet56(in_channels: int, num_classes: int) -> nn.Module:
     return CifarResNet(56, in_channels=in_channels, num_classes=num_classes)
 
 
+def se_resnet20(in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-20 with squeeze-and-excitation in every block (the paper's SE-ResNet family, CIFAR-sized)."""
+    return CifarResNet(20, in_channels=in_channels, num_classes=num_classes, block=SEBasicBlock)
+
+
 def resnet18(in_channels: int, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 with the CIFAR stem: 3x3 stride-1 conv1 and no max-pool."""
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
@@ -98,6 +131,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
+    "se_resnet20": se_resnet20,
 }
 
 
@@ -126,7 +160,26 @@ def _set_first_conv_in_channels(model: nn.Module, in_channels: int) -> None:
     raise NotImplementedError(f"{type(model).__name__} has no nn.Conv2d whose input channels could be set to {in_channels}")
 
 
+def _set_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the last nn.Linear by a fresh one with ``num_classes`` outputs (timm's ``reset_classifier``)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise NotImplementedError(f"{type(model).__name__} has no nn.Linear classifier to give {num_classes} outputs")
+    name, head = linears[-1]
+    if head.out_features == num_classes:
+        return model
+    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    if not name:  # the model is its own classifier
+        return new
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
 def _from_factory(spec: str, *, in_channels: int, num_classes: int) -> nn.Module:
+    """Call a user factory with whichever of ``in_channels``/``num_classes`` it names; apply the others afterwards
+    by replacing the first conv and the last linear layer (a factory with ``**kwargs``, as torchvision's, gets
+    ``num_classes`` only: its kwargs go to the model's constructor)."""
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -137,12 +190,21 @@ def _from_factory(spec: str, *, in_channels: int, num_classes: int) -> nn.Module
     except (TypeError, ValueError):  # builtins and some C types have no signature
         params = {}
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if takes_kwargs or {"in_channels", "num_classes"} <= params.keys():
-        model = factory(in_channels=in_channels, num_classes=num_classes)
-    else:  # a factory that knows its own shapes
-        model = factory()
+    kwargs = {}
+    if "in_channels" in params:
+        kwargs["in_channels"] = in_channels
+    if "num_classes" in params or takes_kwargs:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's code: show its message on one line
+        raise ValueError(f"model factory {spec!r} failed: {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if "in_channels" not in kwargs and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        _set_first_conv_in_channels(model, in_channels)
+    if "num_classes" not in kwargs:
+        model = _set_classifier(model, num_classes)
     return model
 
 

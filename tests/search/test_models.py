@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import gkpd
 import torch.nn as nn
 
 from search.models import MODELS, create_model, load_checkpoint
@@ -83,7 +85,7 @@ def test_user_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     model = create_model("my_nets:net", in_channels=2, num_classes=3)
     assert model[0].in_channels == 2 and model[2].out_features == 3
-    assert create_model("my_nets:fixed", in_channels=2, num_classes=3).out_features == 2
+    assert create_model("my_nets:fixed", in_channels=2, num_classes=3).out_features == 3  # head replaced
     with pytest.raises(ValueError, match="returned int, not a torch.nn.Module"):
         create_model("my_nets:not_a_model", in_channels=1, num_classes=2)
     with pytest.raises(ValueError, match="cannot load model factory 'my_nets:nope'"):
@@ -94,7 +96,7 @@ def test_unknown_model_lists_known_names() -> None:
     with pytest.raises(ValueError) as info:
         create_model("resnet7", in_channels=3, num_classes=10)
     message = str(info.value)
-    assert "'resnet7'" in message and "resnet18, resnet20, resnet32, resnet56" in message
+    assert "'resnet7'" in message and "resnet18, resnet20, resnet32, resnet56, se_resnet20" in message
     assert "torchvision" in message and "pkg.module:factory" in message and "\n" not in message
 
 
@@ -149,3 +151,39 @@ def test_pickled_module_is_refused(tmp_path: Path) -> None:
     torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")  # weights_only=True will not unpickle a Module
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_checkpoint(nn.Linear(2, 2), tmp_path / "whole.pt")
+
+
+def test_factories_of_any_signature_get_the_input_channels_and_classes() -> None:
+    # torchvision's factories take (*, weights, progress, **kwargs): in_channels would be a TypeError there.
+    model = create_model("torchvision.models:resnet18", in_channels=1, num_classes=7).eval()
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 7
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
+
+
+def test_a_failing_factory_is_one_line_with_its_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken_nets.py").write_text("def net(num_classes):\n    raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"model factory 'broken_nets:net' failed: RuntimeError: no GPU here"):
+        create_model("broken_nets:net", in_channels=1, num_classes=2)
+
+
+def test_se_resnet_and_mobilenet_v2_factorize_their_pointwise_and_linear_layers() -> None:
+    from spaces import build_space
+
+    se = create_model("se_resnet20", in_channels=1, num_classes=10).eval()
+    space = build_space(se, (1, 28, 28))
+    gates = [name for name in space.choices() if ".se.fc" in name]
+    assert len(gates) == 2 * 9  # both linear layers of the gate in each of the 9 blocks are searchable
+    plan = {name: space.layers[name].candidates[1].spec for name in gates}
+    with torch.no_grad():
+        assert gkpd.kroneckerize(se, plan)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+    mobile = create_model("mobilenet_v2", in_channels=1, num_classes=10).eval()
+    space = build_space(mobile, (1, 28, 28))
+    modules = dict(mobile.named_modules())
+    depthwise = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    pointwise = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size == (1, 1)]
+    assert len(depthwise) == 17 and len(pointwise) == 34
+    assert all("groups=" in space.dense_only[n] for n in depthwise)  # depthwise convs stay dense
+    assert set(pointwise) <= set(space.choices())  # every pointwise conv can be factorized
