@@ -80,7 +80,9 @@ def factorized_conv2d(
         first, last = i == 0, i == count - 1
         others = [j for j in range(count) if j != m]
         layout = ["n", *others, "r", m]
-        y = y.permute(*[labels.index(a) for a in layout], -2, -1)
+        # Explicit (non-negative) spatial axes: ONNX Runtime rejects a Transpose perm with negative entries.
+        spatial = (len(labels), len(labels) + 1)
+        y = y.permute(*[labels.index(a) for a in layout], *spatial)
         batch = n * math.prod(sizes[j] for j in others)
         y = y.reshape(batch, (1 if first else rank) * c_m, *y.shape[-2:])
         if first:
@@ -95,7 +97,7 @@ def factorized_conv2d(
         y = y.reshape(n, *(sizes[j] for j in others), 1 if last else rank, f_m, *y.shape[-2:])
         labels = layout
     # Back to [N, m_1, ..., m_N, Ho, Wo] (the rank axis is 1 now): factor 1's digit is the most significant.
-    y = y.permute(*[labels.index(a) for a in ["n", *range(count)]], labels.index("r"), -2, -1)
+    y = y.permute(*[labels.index(a) for a in ["n", *range(count)]], labels.index("r"), len(labels), len(labels) + 1)
     return y.reshape(n, spec.weight_shape[0], *y.shape[-2:])
 
 
