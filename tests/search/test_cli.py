@@ -254,8 +254,8 @@ def test_bad_input_in_a_new_run_fails_before_the_teacher_is_trained(finished_run
     fresh[fresh.index("--out") + 1] = str(tmp_path / "new")
     (tmp_path / "a-file").write_text("")
     cases = [
-        # Each budget is reachable alone (at least 1.172826 MFLOPs, 5,682 params), not both at once.
-        (["--budget-mparams", "0.005683", "--budget-mflops", "1.173"], "no plan of this space meets both"),
+        # Each budget is reachable alone (at least 0.732473 MFLOPs, 3,874 params), not both at once.
+        (["--budget-mparams", "0.003875", "--budget-mflops", "0.7325"], "no plan of this space meets both"),
         (["--batch-size", "300"], "--batch-size 300 is more than the 256 training images"),
         (["--out", str(tmp_path / "a-file")], "is a file, not a directory"),
     ]
