@@ -40,6 +40,11 @@ __all__ = ["Point", "SensitivityTable", "pick_candidates", "measure_sensitivity"
 # disjoint sets of 256, far less than the factor-of-ten spread between layers that the table is for.
 CALIBRATION_IMAGES = 256
 POINTS_PER_LAYER = 4
+# Work cap of one table, in MACs of forward passes: a big model gets fewer images (ResNet-18 on 1x28x28, 21
+# layers x 4 points x 457 MMACs: 130 images; ResNet-32, 34 x 4 x 69 MMACs: all 256). Measured on the shared
+# 2-core machine, ResNet-32's 256-image table took 147 s; the default run has about 5 minutes to spare.
+CALIBRATION_MACS = 5e12
+MIN_CALIBRATION_IMAGES = 64
 CALIBRATION_SEED = 1234  # its own stream: the table must not depend on --seed's data split order
 _VERSION = 1  # bump when the protocol changes: a cached table of another protocol is never reused
 
@@ -228,6 +233,9 @@ def load_or_measure(
     """
     # A small training set (tests, --max-train-images) gets a quarter of it: the table stays cheap beside it.
     images = min(images, max(32, len(train_x) // 4), len(train_x))
+    measurements = max(1, points * len(space.choices()))
+    affordable = int(CALIBRATION_MACS / (measurements * max(1, space.baseline_cost().macs)))
+    images = min(images, max(MIN_CALIBRATION_IMAGES, affordable))
     key = table_key(teacher, space, images=images, points=points)
     path = Path(run_dir) / f"sensitivity-{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
