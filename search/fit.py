@@ -16,6 +16,7 @@ for any number of factors. Held-out positions decide: a fit that does not lower 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,11 +26,16 @@ import torch.nn.functional as F
 
 import gkpd
 
-__all__ = ["LayerFit", "fit_factors", "factor_parameters", "FIT_ROWS", "HOLDOUT_ROWS", "FIT_ITERATIONS", "summarize"]
+__all__ = ["LayerFit", "fit_factors", "factor_parameters", "FIT_ROWS", "HOLDOUT_ROWS", "FIT_ITERATIONS", "FIT_MAX_MACS", "summarize"]
 
 FIT_ROWS = 4096  # sampled output positions per layer that the factors are fitted on
 HOLDOUT_ROWS = 1024  # further positions that only judge the fit
 FIT_ITERATIONS = 15  # L-BFGS iterations per layer
+# A layer whose L-BFGS evaluation would cost more than this (F * (D + 1)^2 multiply-adds) keeps its SVD factors.
+# Every ResNet-32 layer is far below it (64 * 577^2 = 2.1e7); of ResNet-18's, the 3x3 convs of layers 3 and 4
+# are above (256 * 2305^2 = 1.4e9, 512 * 4609^2 = 1.1e10): measured on the shared 2-core machine, fitting 8
+# such layers took minutes, more than a whole trial's fine-tune.
+FIT_MAX_MACS = 5e8
 
 
 @dataclass(frozen=True)
@@ -142,13 +148,14 @@ def _fit_layer(layer: nn.Module, p: torch.Tensor, y: torch.Tensor, holdout: int,
 def fit_factors(
     student: nn.Module, teacher: nn.Module, x: torch.Tensor, *, names: Sequence[str] | None = None,
     rows: int = FIT_ROWS, holdout: int = HOLDOUT_ROWS, iterations: int = FIT_ITERATIONS, seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", max_macs: float = FIT_MAX_MACS,
 ) -> list[LayerFit]:
     """Fit every Kronecker layer of ``student`` (or those in ``names``) to the same-named layer of ``teacher``.
 
     ``x [N, C, H, W]``: training images (a few hundred). Both models run in eval mode (batch norm with the
     teacher's statistics: re-estimate it afterwards). Layers are fitted in call order on the student's own
-    inputs, so each one also absorbs the error of those before it. Returns the held-out errors per layer.
+    inputs, so each one also absorbs the error of those before it. Returns the held-out errors per fitted layer
+    (layers over ``max_macs`` per evaluation keep their SVD factors and are not listed).
     """
     student.to(device).eval()
     teacher.to(device).eval()
@@ -184,6 +191,9 @@ def fit_factors(
     def refit(name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
             positions, y, hw = targets[name]
+            depth = math.prod(module.spec.weight_shape[1:]) + 1
+            if y.shape[1] * depth**2 > max_macs:
+                return
             p = _patches(module, args[0].float(), positions, hw)
             before, after, kept = _fit_layer(module, p, y, min(holdout, len(y) // 5), iterations)
             results.append(LayerFit(name, before, after, kept))

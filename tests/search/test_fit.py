@@ -94,3 +94,15 @@ def test_only_kronecker_layers_can_be_named() -> None:
     teacher = nn.Sequential(nn.Conv2d(2, 2, 1))
     with pytest.raises(ValueError, match="not a Kronecker layer"):
         fit_factors(teacher, teacher, torch.randn(2, 2, 3, 3), names=["0"])
+
+
+def test_layers_over_the_work_cap_keep_their_svd_factors() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 3, padding=1))
+    plan = {"0": gkpd.KroneckerSpec((16, 8, 3, 3), (4, 2, 3, 1), 1), "2": gkpd.KroneckerSpec((4, 16, 3, 3), (2, 4, 3, 1), 1)}
+    student = gkpd.kroneckerize(teacher, plan)
+    svd = [p.detach().clone() for p in factor_parameters(student[0])]
+    # Per evaluation, layer "0" costs 16 * (8*9 + 1)^2 = 85,264 MACs and layer "2" 4 * (16*9 + 1)^2 = 84,100.
+    fits = fit_factors(student, teacher, _correlated(16, 8, 6, seed=1), max_macs=84_500)
+    assert [f.name for f in fits] == ["2"]
+    assert all(torch.equal(a, b) for a, b in zip(svd, factor_parameters(student[0])))
