@@ -324,7 +324,9 @@ def test_three_failures_in_a_row_write_the_report_then_stop_with_one_error(
             run_search(config)
     finally:
         torch.set_num_threads(threads)
-    assert [t.state for t in trials_of(config.storage_url, "broken")] == [TrialState.FAIL] * 3
+    states = [t.state for t in trials_of(config.storage_url, "broken")]
+    # The first three seeds failed; the rest of the queued seeds wait for a run that can train.
+    assert states[:3] == [TrialState.FAIL] * 3 and set(states[3:]) <= {TrialState.WAITING}
     assert (tmp_path / "run" / "trials.csv").read_text().count("FloatingPointError: loss is nan") == 3
     assert not (tmp_path / "run" / "best").exists()
 
