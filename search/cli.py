@@ -21,7 +21,9 @@ import optuna
 
 from search.config import BACKENDS, SAMPLERS, SearchConfig
 from search.data import DATASETS
+from search.finetune import DEFAULT_STEPS
 from search.models import MODELS
+from search.trial import FINETUNE_LR
 from search.run import (  # Prepared and run_search: also what callers used to import from here
     Prepared, SearchFailed, Terminated, export_run, interrupted_status, report_run, run_search,
 )
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Search per-layer Kronecker factorizations (GKPD, arXiv 2109.14710) of a trained CNN under a budget. "
             "MFLOPs are millions of multiply-accumulates (MACs) as fvcore counts them (torch's FlopCounterMode "
             "counts 2 per MAC). Subcommands: 'report --out DIR' re-prints and re-draws a run; "
-            "'export --out DIR [--trial N]' writes the compressed model."
+            "'export --out DIR [--trial N]' writes the compressed model; 'finetune --out DIR [--trial N] "
+            "[--steps N]' fine-tunes the chosen plan longer, then exports it."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="distillation steps per trial")
     work.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="training steps of a new teacher")
     work.add_argument("--batch-size", type=int, default=d.batch_size)
+    work.add_argument("--long-finetunes", type=int, default=d.long_finetunes,
+                      help="of --trials, how many continue the frontier's leaders to 4x --finetune-steps "
+                           "(multi-fidelity; the report says how well the short fine-tune ranked them; not with --backend ray)")
     work.add_argument("--prune-margin", type=float, default=d.prune_margin,
                       help="stop a trial whose accuracy trails a no-costlier finished trial by more than this")
     space = p.add_argument_group("search space and sampler")
@@ -144,7 +150,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images, batch_size=args.batch_size,
         sampler=args.sampler, study_name=args.study_name or "", storage=args.storage, out=args.out or Path(),
         device=args.device, seed=args.seed, preset=args.preset, skip=tuple(args.skip),
-        prune_margin=args.prune_margin, cache_dir=args.cache_dir, workers=args.workers, backend=args.backend,
+        prune_margin=args.prune_margin, long_finetunes=args.long_finetunes, cache_dir=args.cache_dir,
+        workers=args.workers, backend=args.backend,
         ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
     )
 
@@ -156,8 +163,15 @@ def _run_parser(command: str) -> _Parser:
     p.add_argument("--out", type=Path, required=True, help="the run directory of a search")
     p.add_argument("--storage", help="default: the storage recorded in OUT/run.json")
     p.add_argument("--study-name", help="default: the study recorded in OUT/run.json")
-    if command == "export":
-        p.add_argument("--trial", type=int, help="trial number to export (default: the best in-budget trial)")
+    if command in ("export", "finetune"):
+        p.add_argument("--trial", type=int, help=f"trial number to {command} (default: the best in-budget trial)")
+    if command == "finetune":
+        p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="distillation steps (default: %(default)s, "
+                       "about 10 minutes for the default run's plan on two CPU cores)")
+        p.add_argument("--lr", type=float, default=FINETUNE_LR, help="peak learning rate (default: %(default)s)")
+        p.add_argument("--teacher", type=Path, help="the study's teacher (default: where the search found it)")
+        p.add_argument("--data-dir", type=Path, help="the study's data (default: where the search found it)")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     return p
 
 
@@ -167,10 +181,15 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def run(argv: Sequence[str]) -> int:
     """The exit status of ``search.py argv``; errors propagate as exceptions."""
-    if argv[:1] in (["report"], ["export"]):
+    if argv[:1] in (["report"], ["export"], ["finetune"]):
         args = _run_parser(argv[0]).parse_args(argv[1:])
         if argv[0] == "report":
             return report_run(args.out, storage=args.storage, study_name=args.study_name)
+        if argv[0] == "finetune":
+            from search.finetune import finetune_run
+            return finetune_run(args.out, trial=args.trial, steps=args.steps, lr=args.lr, teacher=args.teacher,
+                                data_dir=args.data_dir, device=args.device, storage=args.storage,
+                                study_name=args.study_name)
         return export_run(args.out, storage=args.storage, study_name=args.study_name, trial=args.trial)
     config = config_from_args(parse_args(argv))
     if config.workers > 1 or config.backend == "ray":

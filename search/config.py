@@ -58,6 +58,7 @@ class SearchConfig:
     preset: str = "default"
     skip: tuple[str, ...] = ()
     prune_margin: float = 0.10
+    long_finetunes: int = 2  # of --trials: the frontier's leaders fine-tuned again, 4x as long (search.study)
     cache_dir: Path | None = None
     workers: int = 1
     backend: str = "optuna"
@@ -76,6 +77,8 @@ class SearchConfig:
                 continue  # 0 fine-tune steps: evaluate right after decomposition
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not 0 <= self.long_finetunes <= self.trials:
+            raise ValueError(f"--long-finetunes must be in [0, --trials {self.trials}], got {self.long_finetunes}")
         for name in ("max_train_images", "max_eval_images", "timeout"):
             _positive(name.replace("_", "-"), getattr(self, name))
         if self.sampler not in SAMPLERS:

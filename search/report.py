@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,8 @@ from search.pareto import pareto_front
 from search.progress import duration
 from spaces.candidates import family
 
-__all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table"]
+__all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table", "fidelity_pairs",
+           "concordance"]
 
 UNIT_NOTE = ("MFLOPs are millions of multiply-accumulates (MACs), as fvcore counts them; "
              "torch's FlopCounterMode counts 2 FLOPs per MAC (column gflops_torch).")
@@ -32,7 +34,8 @@ def trials_frame(study: optuna.Study, *, baseline: dict[str, float]) -> pd.DataF
         rows.append({
             "trial": t.number,
             "state": t.state.name,
-            "seed": attrs.get("seed", ""),
+            "seed": attrs.get("seed", "") or (f"continues {attrs['continues']}" if "continues" in attrs else ""),
+            "fidelity": attrs.get("fidelity", 1),
             "val_accuracy": t.values[0] if t.values else None,
             "test_accuracy": attrs.get("test_accuracy"),
             "screen_accuracy": attrs.get("screen_accuracy"),
@@ -128,6 +131,65 @@ def _plot(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, budget: flo
     plt.close(fig)
 
 
+def fidelity_pairs(study: optuna.Study) -> pd.DataFrame:
+    """Each completed longer fine-tune next to its short one: trial, continued trial, short and long val."""
+    rows = [{"trial": t.user_attrs["continues"], "continued_as": t.number,
+             "short_val": t.user_attrs["short_val_accuracy"], "long_val": t.values[0],
+             "long_test": t.user_attrs.get("test_accuracy")}
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "continues" in t.user_attrs]
+    return pd.DataFrame(rows, columns=["trial", "continued_as", "short_val", "long_val", "long_test"])
+
+
+def concordance(short: Sequence[float], long: Sequence[float]) -> tuple[int, int]:
+    """(pairs the short fine-tune ordered as the long one did, pairs with an order): Kendall's tau is
+    2 * agree / pairs - 1. Ties in either list order nothing."""
+    agree = pairs = 0
+    for i in range(len(short)):
+        for j in range(i + 1, len(short)):
+            a, b = short[i] - short[j], long[i] - long[j]
+            if a and b:
+                pairs += 1
+                agree += (a > 0) == (b > 0)
+    return agree, pairs
+
+
+def _fidelity_section(study: optuna.Study) -> list[str]:
+    pairs = fidelity_pairs(study)
+    if pairs.empty:
+        return []
+    agree, total = concordance(list(pairs.short_val), list(pairs.long_val))
+    gain = 100 * (pairs.long_val - pairs.short_val)
+    verdict = (f"The short fine-tune ordered {agree} of {total} pairs of these trials as the long one did."
+               if total else "Too few continued trials to compare their order.")
+    return ["## Longer fine-tunes of the leaders", "",
+            format_table(pairs.rename(columns={"short_val": "short_val_accuracy", "long_val": "long_val_accuracy",
+                                               "long_test": "long_test_accuracy"}),
+                         ["trial", "continued_as", "short_val_accuracy", "long_val_accuracy", "long_test_accuracy"]),
+            "", f"{verdict} The longer fine-tune moved validation accuracy by {gain.min():+.2f} to "
+            f"{gain.max():+.2f} points.", ""]
+
+
+def _finetune_section(out: Path, teacher: dict[str, float]) -> list[str]:
+    """What ``search.py finetune`` did to the model ``best/`` holds now (nothing if best/ came from export)."""
+    try:
+        done = json.loads((out / "best" / "export.json").read_text())["finetune"]
+        before, after = done["before"], done["after"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+    def pct(value: float | None) -> str:
+        return f"{100 * value:.2f}%" if value is not None else "?"
+
+    return ["## Final fine-tune (best/)", "",
+            f"Trial {done['trial']}, {done['steps']} more distillation steps at lr {done['lr']:g} "
+            f"(`python search.py finetune --out {out}`):", "",
+            "| | val | test |", "|---|---|---|",
+            f"| after the search's fine-tune ({done['steps_before']} steps) | {pct(before['val_accuracy'])} | "
+            f"{pct(before['test_accuracy'])} |",
+            f"| after the final fine-tune | {pct(after['val_accuracy'])} | {pct(after['test_accuracy'])} |",
+            f"| teacher (dense) | {pct(teacher.get('val_accuracy'))} | {pct(teacher.get('test_accuracy'))} |", ""]
+
+
 def write_report(study: optuna.Study, out: Path, *, objective: str, budget: float | None,
                  teacher: dict[str, float], run: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write trials.csv, pareto.csv, pareto.png and report.md into ``out``; return (trials, pareto)."""
@@ -139,7 +201,7 @@ def write_report(study: optuna.Study, out: Path, *, objective: str, budget: floa
     if not trials.empty:
         _plot(trials, pareto, out / "pareto.png", budget=budget, objective=objective, teacher=teacher)
     best = best_row(pareto)
-    columns = ["trial", "seed", "val_accuracy", "test_accuracy", "mflops", "gflops_torch", "mparams",
+    columns = ["trial", "seed", "fidelity", "val_accuracy", "test_accuracy", "mflops", "gflops_torch", "mparams",
                "flops_ratio", "params_ratio", "families"]
     counts = trials.state.value_counts().to_dict() if not trials.empty else {}
     lines = [
@@ -164,6 +226,8 @@ def write_report(study: optuna.Study, out: Path, *, objective: str, budget: floa
                   f"Trial {int(best.trial)}: val {100 * best.val_accuracy:.2f}%, test {100 * best.test_accuracy:.2f}%, "
                   f"{best.mflops:.2f} MFLOPs ({best.flops_ratio:.2f}x fewer), {best.mparams:.3f} Mparams "
                   f"({best.params_ratio:.2f}x fewer). Export: `python search.py export --out {out}`.", ""]
+    lines += _fidelity_section(study)
+    lines += _finetune_section(out, teacher)
     if "elapsed" in run:
         lines += [f"Wall time of the last run: {duration(run['elapsed'])}.", ""]
     atomic_text(out / "report.md", "\n".join(lines))

@@ -30,7 +30,7 @@ from search.report import best_row, format_table, write_report
 from search.storage import open_storage, redact, sqlite_path, without_password
 from search.study import (
     check_identity, existing_identity, file_digest, finished_count, join_study, make_objective, open_study,
-    requeue_interrupted_seeds, run_one, seed_plans, study_identity, trial_plan,
+    queue_long_finetune, requeue_interrupted_seeds, run_one, seed_plans, study_identity, trial_checkpoint, trial_plan,
 )
 from search.teacher import find_teacher, get_teacher, load_teacher, teacher_cache_path, teacher_digest
 from search.train import evaluate
@@ -217,7 +217,8 @@ def _run_info(config: SearchConfig, prepared: Prepared, teacher: dict[str, float
         "study_name": config.study_name, "model": config.model, "dataset": config.dataset,
         "input_shape": list(prepared.data.input_shape), "num_classes": prepared.data.num_classes,
         "objective": config.objective, "budget": config.budget, "teacher": teacher,
-        "teacher_source": prepared.teacher_source, "preset": config.preset, "skip": list(config.skip),
+        "teacher_source": str(Path(prepared.teacher_source).resolve()), "preset": config.preset,
+        "skip": list(config.skip), "data_dir": str(config.data_dir.resolve()) if config.data_dir else None,
     }
 
 
@@ -271,6 +272,7 @@ def run_search(config: SearchConfig) -> int:
                 optuna.storages.fail_stale_trials(study)
                 time.sleep(2)
                 continue
+            queue_long_finetune(study, config)
             last = run_one(study, objective)
             failures = failures + 1 if last.state == TrialState.FAIL else 0
             if failures >= MAX_FAILURES_IN_A_ROW:
@@ -311,29 +313,10 @@ def print_summary(info: dict[str, Any], pareto: pd.DataFrame, out: Path, *, expo
     if pareto.empty:
         print("no completed in-budget trial yet")
     else:
-        print(format_table(pareto, ["trial", "seed", "val_accuracy", "test_accuracy", "mflops", "gflops_torch",
-                                    "mparams", "flops_ratio", "params_ratio"]))
+        print(format_table(pareto, ["trial", "seed", "fidelity", "val_accuracy", "test_accuracy", "mflops",
+                                    "gflops_torch", "mparams", "flops_ratio", "params_ratio"]))
     files = "trials.csv, pareto.csv, pareto.png, report.md" + (", best/" if exported else "")
     print(f"\nrun directory: {out}  ({files})")
-
-
-def _checkpoint_of(trial: optuna.trial.FrozenTrial, out: Path) -> Path:
-    """The trial's weights, checked to be the file that trial wrote (not another study's or trial's)."""
-    recorded = trial.user_attrs.get("checkpoint")
-    if recorded is None:
-        raise ValueError(f"trial {trial.number} recorded no checkpoint")
-    # Recorded relative to the run directory (older runs: as given, relative to their working directory).
-    path = Path(recorded) if Path(recorded).is_absolute() else out / recorded
-    if not path.is_file() and not Path(recorded).is_absolute() and Path(recorded).is_file():
-        path = Path(recorded)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint of trial {trial.number} not found at {path} (it is written by the "
-                                "worker that ran the trial: copy it there, or point --out at that run directory)")
-    wanted = trial.user_attrs.get("checkpoint_sha256")
-    if wanted is not None and file_digest(path) != wanted:
-        raise ValueError(f"{path} is not the checkpoint trial {trial.number} wrote (its sha256 differs): another "
-                         "run overwrote it; re-run that trial or export another with --trial N")
-    return path
 
 
 def do_export(study: optuna.Study, info: dict[str, Any], out: Path, number: int) -> None:
@@ -343,7 +326,7 @@ def do_export(study: optuna.Study, info: dict[str, Any], out: Path, number: int)
     trial = trials[number]
     if trial.state != TrialState.COMPLETE or "plan" not in trial.user_attrs:
         raise ValueError(f"--trial {number} is {trial.state.name}, not COMPLETE; only completed trials export")
-    checkpoint = _checkpoint_of(trial, out)
+    checkpoint = trial_checkpoint(trial, out)
     plan = trial_plan(trial)
     base = create_model(info["model"], in_channels=info["input_shape"][0], num_classes=info["num_classes"])
     model = gkpd.kroneckerize(base, plan)

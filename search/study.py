@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -21,7 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 import gkpd
 from search.config import SearchConfig
 from search.progress import log
-from search.trial import FINETUNE_LR, Hopeless, Rival, TrialContext, run_trial
+from search.pareto import pareto_front
+from search.trial import FINETUNE_LR, Hopeless, Rival, TrialContext, continue_trial, run_trial
 from spaces import SearchSpace
 from spaces.candidates import family
 from spaces.space import Scores
@@ -29,7 +31,8 @@ from spaces.space import Scores
 __all__ = [
     "make_sampler", "existing_identity", "check_identity", "study_identity", "space_digest", "open_study",
     "join_study", "seed_plans", "make_objective", "run_one", "finished_count", "requeue_interrupted_seeds",
-    "rivals_of", "trial_plan", "checkpoint_file", "file_digest", "SEED_LADDER", "CATCH", "OVER_BUDGET",
+    "rivals_of", "leaders", "queue_long_finetune", "trial_plan", "checkpoint_file", "trial_checkpoint",
+    "file_digest", "SEED_LADDER", "CATCH", "OVER_BUDGET", "CONTINUES", "LONG_FIDELITY",
 ]
 
 # Seeds: the knapsack allocation at the budget and at smaller budgets (they draw the frontier's lower end),
@@ -43,6 +46,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OVER_BUDGET = "over_budget"
 # Proposals over budget in a row (each queues its repaired plan) before run_one returns without an evaluation.
 MAX_PROPOSALS = 8
+# User attribute of a longer fine-tune of a finished trial (its number): multi-fidelity for the leaders. A
+# continued trial reaches LONG_FIDELITY times --finetune-steps in all (3x more steps from the checkpoint).
+CONTINUES = "continues"
+LONG_FIDELITY = 4
 
 
 def make_sampler(config: SearchConfig, *, startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -190,11 +197,45 @@ def run_one(study: optuna.Study, objective: Any) -> FrozenTrial:
 
 
 def rivals_of(study: optuna.Study) -> list[Rival]:
+    """Finished trials a new one is compared with: the short fine-tunes only (like with like)."""
     return [
         Rival(t.values[1], t.user_attrs["screen_accuracy"], t.values[0])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "screen_accuracy" in t.user_attrs
+        if "screen_accuracy" in t.user_attrs and CONTINUES not in t.user_attrs
     ]
+
+
+def _in_budget(trial: FrozenTrial) -> bool:
+    return all(c <= 0 for c in trial.constraints.values())
+
+
+def leaders(study: optuna.Study) -> list[FrozenTrial]:
+    """The short-fine-tune trials on the in-budget frontier, best validation accuracy first."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if CONTINUES not in t.user_attrs and _in_budget(t) and "checkpoint" in t.user_attrs]
+    front = [done[i] for i in pareto_front([(t.values[0], t.values[1]) for t in done])]
+    return sorted(front, key=lambda t: (-t.values[0], t.values[1], t.number))
+
+
+def queue_long_finetune(study: optuna.Study, config: SearchConfig) -> int | None:
+    """Multi-fidelity: when the trials left are the ``--long-finetunes`` reserved for it, queue the longer
+    fine-tune of the best frontier trial not yet continued; return that trial's number (None: nothing queued).
+    """
+    trials = study.get_trials(deepcopy=False)
+    continued = {t.user_attrs[CONTINUES] for t in trials
+                 if CONTINUES in t.user_attrs and t.state != TrialState.FAIL}
+    left = config.trials - finished_count(study)
+    if left <= 0 or left > config.long_finetunes - len(continued):
+        return None
+    waiting = any(t.state == TrialState.WAITING for t in trials)  # a seed or repair goes first
+    candidates = [t for t in leaders(study) if t.number not in continued]
+    if waiting or not candidates:
+        return None
+    leader = candidates[0]
+    study.enqueue_trial(leader.params, user_attrs={CONTINUES: leader.number})
+    log(f"search: trial {leader.number} leads the frontier ({leader.values[0]:.2%} val): its fine-tune is "
+        f"continued to {LONG_FIDELITY}x the steps")
+    return leader.number
 
 
 def trial_plan(trial: FrozenTrial) -> gkpd.Plan:
@@ -218,6 +259,25 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def trial_checkpoint(trial: optuna.trial.FrozenTrial, out: Path) -> Path:
+    """The trial's weights, checked to be the file that trial wrote (not another study's or trial's)."""
+    recorded = trial.user_attrs.get("checkpoint")
+    if recorded is None:
+        raise ValueError(f"trial {trial.number} recorded no checkpoint")
+    # Recorded relative to the run directory (older runs: as given, relative to their working directory).
+    path = Path(recorded) if Path(recorded).is_absolute() else out / recorded
+    if not path.is_file() and not Path(recorded).is_absolute() and Path(recorded).is_file():
+        path = Path(recorded)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint of trial {trial.number} not found at {path} (it is written by the "
+                                "worker that ran the trial: copy it there, or point --out at that run directory)")
+    wanted = trial.user_attrs.get("checkpoint_sha256")
+    if wanted is not None and file_digest(path) != wanted:
+        raise ValueError(f"{path} is not the checkpoint trial {trial.number} wrote (its sha256 differs): another "
+                         "run overwrote it; re-run that trial or export another with --trial N")
+    return path
 
 
 def make_objective(ctx: TrialContext):
@@ -249,13 +309,27 @@ def make_objective(ctx: TrialContext):
         trial.set_user_attr("plan", gkpd.plan_to_dict(plan)["layers"])
         tag = trial.user_attrs.get("seed") or (f"repair of {trial.user_attrs['repair_of']}"
                                                if "repair_of" in trial.user_attrs else "")
+        source = trial.user_attrs.get(CONTINUES)
+        if source is not None:
+            tag = f"trial {source}, {LONG_FIDELITY}x the fine-tune"
         label = f"trial {trial.number}" + (f" [{tag}]" if tag else "")
         checkpoint = checkpoint_file(trial.study.study_name, trial.number)
         try:
-            result = run_trial(ctx, plan, label=label, rivals=lambda: rivals_of(trial.study),
-                               checkpoint=config.out / checkpoint,
-                               seed=config.seed,  # the same batches for every trial: see run_trial
-                               on_screen=lambda acc: trial.set_user_attr("screen_accuracy", acc))
+            if source is None:
+                trial.set_user_attr("fidelity", 1)
+                result = run_trial(ctx, plan, label=label, rivals=lambda: rivals_of(trial.study),
+                                   checkpoint=config.out / checkpoint,
+                                   seed=config.seed,  # the same batches for every trial: see run_trial
+                                   on_screen=lambda acc: trial.set_user_attr("screen_accuracy", acc))
+            else:
+                short = {t.number: t for t in trial.study.get_trials(deepcopy=False)}[source]
+                trial.set_user_attr("fidelity", LONG_FIDELITY)
+                trial.set_user_attr("short_val_accuracy", short.values[0])
+                trial.set_user_attr("screen_accuracy", short.user_attrs.get("screen_accuracy"))
+                extra = (LONG_FIDELITY - 1) * short.user_attrs["finetune_steps"]
+                result = continue_trial(ctx, plan, trial_checkpoint(short, config.out), steps=extra, label=label,
+                                        checkpoint=config.out / checkpoint, seed=config.seed + 1)
+                result = dataclasses.replace(result, finetune_steps=short.user_attrs["finetune_steps"] + extra)
         except Hopeless as stop:
             trial.set_user_attr("stopped", str(stop))
             log(f"{label}: stopped early: {stop}")

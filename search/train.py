@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 
 from search.data import DATASETS, DataSplits
 
-__all__ = ["evaluate", "train_teacher", "recalibrate_bn", "distill", "augment_batch", "TeacherLogits"]
+__all__ = ["evaluate", "train_teacher", "recalibrate_bn", "distill", "augment_batch", "TeacherLogits", "TrainState"]
 
 Device = torch.device | str
 Progress = Callable[[int, int, float], None]  # (step, steps, loss)
+TrainState = dict[str, Any]  # {"step", "optimizer", "batches"}: see _fit
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x, y, indices)
 
 
@@ -48,16 +50,33 @@ def _lr_at(step: int, *, steps: int, lr: float, warmup: float) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _batches(n: int, *, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """`steps` index batches; each epoch is a fresh permutation; the tail that does not fill a batch is dropped."""
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, {n}] for {n} training images, got {batch_size}")
-    perm, pos = torch.randperm(n, generator=generator), 0
-    for _ in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=generator), 0
-        yield perm[pos:pos + batch_size]
-        pos += batch_size
+class _Batches:
+    """Index batches; each epoch is a fresh permutation; the tail that does not fill a batch is dropped.
+
+    Its state (with the generator's) is what an interrupted fine-tune needs to draw the same batches on resume.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, generator: torch.Generator) -> None:
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size must be in [1, {n}] for {n} training images, got {batch_size}")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm, self.pos = torch.randperm(n, generator=generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        batch = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        return {"perm": self.perm.clone(), "pos": self.pos, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+        perm = state["perm"]
+        assert isinstance(perm, torch.Tensor) and len(perm) == self.n, "batch state of another training set"
+        self.perm, self.pos = perm.clone(), int(state["pos"])
+        self.generator.set_state(state["generator"])
 
 
 def _channels_last(model: nn.Module) -> None:
@@ -76,8 +95,13 @@ def _fit(
     model: nn.Module, data: DataSplits, loss_fn: LossFn, *, steps: int, batch_size: int, lr: float,
     weight_decay: float, warmup: float, augment: bool, device: Device, seed: int,
     progress: Progress | None, should_stop: Callable[[int, float], bool] | None,
+    resume: TrainState | None = None, on_save: Callable[[TrainState], None] | None = None, save_every: int = 0,
 ) -> dict[str, float | int | bool]:
-    """The loop shared by train_teacher and distill: SGD + Nesterov, warmup + cosine, on-the-fly augmentation."""
+    """The loop shared by train_teacher and distill: SGD + Nesterov, warmup + cosine, on-the-fly augmentation.
+
+    Every ``save_every`` steps ``on_save`` gets the loop's state (step, optimizer, batch stream); passing it
+    back as ``resume``, with the model's weights of that step restored, continues exactly where it stopped.
+    """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     generator = torch.Generator().manual_seed(seed)
@@ -88,9 +112,16 @@ def _fit(
     _channels_last(model)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    batches = _Batches(len(x), batch_size=batch_size, generator=generator)
+    first = 0
+    if resume is not None:  # the model's weights are the caller's to restore; the rest of the loop is here
+        optimizer.load_state_dict(resume["optimizer"])
+        batches.load_state_dict(resume["batches"])
+        first = int(resume["step"])
     losses: list[float] = []
-    start, done, stopped = time.perf_counter(), 0, False
-    for step, idx in enumerate(_batches(len(x), batch_size=batch_size, steps=steps, generator=generator)):
+    start, done, stopped = time.perf_counter(), first, False
+    for step in range(first, steps):
+        idx = batches.next()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps=steps, lr=lr, warmup=warmup)
         on_device = idx.to(device)
@@ -104,6 +135,8 @@ def _fit(
         optimizer.step()
         losses.append(value)
         done = step + 1
+        if on_save is not None and save_every > 0 and done % save_every == 0 and done < steps:
+            on_save({"step": done, "optimizer": optimizer.state_dict(), "batches": batches.state_dict()})
         if progress is not None:
             progress(done, steps, value)
         if should_stop is not None and should_stop(done, value):
@@ -117,7 +150,7 @@ def _fit(
         "final_loss": sum(tail) / len(tail) if tail else float("nan"),  # mean of the last 10 steps
         "stopped_early": stopped,
         "seconds": seconds,
-        "images_per_s": done * batch_size / seconds if seconds > 0 else 0.0,
+        "images_per_s": (done - first) * batch_size / seconds if seconds > 0 else 0.0,
     }
 
 
@@ -216,10 +249,12 @@ def distill(
     temperature: float = 4.0, alpha: float = 0.9, device: Device, seed: int, progress: Progress | None = None,
     should_stop: Callable[[int, float], bool] | None = None, weight_decay: float = 5e-4, warmup: float = 0.05,
     augment: bool = False, teacher_logits: TeacherLogits | None = None,
+    resume: TrainState | None = None, on_save: Callable[[TrainState], None] | None = None, save_every: int = 0,
 ) -> dict[str, float | int | bool]:
     """Fine-tune `student` with alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE (Hinton et al. 2015).
 
     `teacher_logits` (for this teacher and data.train_x) replaces the teacher's forward pass by cached logits.
+    `resume`, `on_save`, `save_every`: an interruptible fine-tune (see `_fit`).
     """
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
@@ -240,4 +275,5 @@ def distill(
     return _fit(
         student, data, loss_fn, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup=warmup, augment=augment, device=device, seed=seed, progress=progress, should_stop=should_stop,
+        resume=resume, on_save=on_save, save_every=save_every,
     )

@@ -29,7 +29,7 @@ from search.sensitivity import SensitivityTable, calibration_images, load_or_mea
 from search.train import TeacherLogits, distill, evaluate, recalibrate_bn
 from spaces import SearchSpace
 
-__all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "build_student", "FINETUNE_LR"]
+__all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "continue_trial", "build_student", "FINETUNE_LR"]
 
 # Peak SGD learning rate of the fine-tune (5% warm-up, then cosine to zero). Measured on the default run's
 # teacher (ResNet-18, Fashion-MNIST, 150 steps of 32, 2,000 val images): allocate@300 MFLOPs reached
@@ -181,3 +181,36 @@ def run_trial(
     seconds = time.perf_counter() - start
     log(f"{label}: val {val:.2%}, test {test:.2%} after {steps} fine-tune steps ({duration(seconds)})")
     return TrialResult(val, test, screen, mflops, params / 1e6, steps, seconds)
+
+
+def continue_trial(
+    ctx: TrialContext, plan: gkpd.Plan, weights: Path, *, steps: int, label: str, checkpoint: Path | None = None,
+    seed: int = 1,
+) -> TrialResult:
+    """A longer fine-tune of a finished trial: its weights (``weights``, written by ``run_trial`` for ``plan``)
+    distilled ``steps`` more steps (a fresh warm-up and cosine at ``FINETUNE_LR``), then evaluated.
+
+    Every continuation gets the same ``seed``, another than the first fine-tune's, so that it sees new batches
+    and continued trials are still compared on equal terms.
+    """
+    config, data, start = ctx.config, ctx.data, time.perf_counter()
+    student = gkpd.kroneckerize(ctx.teacher, plan)
+    student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    student.to(ctx.device)
+    mflops, params = gkpd.count_mflops(student, data.input_shape), gkpd.count_params(student)
+    shown = {steps * k // 4 for k in range(1, 5)}
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step in shown:
+            log(f"{label}:   longer fine-tune step {step}/{total}  KD loss {loss:.3f}  "
+                f"{duration(time.perf_counter() - start)}")
+
+    distill(student, ctx.teacher, data, steps=steps, batch_size=config.batch_size, lr=FINETUNE_LR,
+            device=ctx.device, seed=seed, progress=progress, teacher_logits=ctx.teacher_logits)
+    val = evaluate(student, data.val_x, data.val_y, device=ctx.device)
+    test = evaluate(student, data.test_x, data.test_y, device=ctx.device)
+    if checkpoint is not None:
+        atomic_save(student.state_dict(), checkpoint)
+    seconds = time.perf_counter() - start
+    log(f"{label}: val {val:.2%}, test {test:.2%} after {steps} more fine-tune steps ({duration(seconds)})")
+    return TrialResult(val, test, float("nan"), mflops, params / 1e6, steps, seconds)

@@ -292,3 +292,83 @@ def test_study_file_values_are_type_checked(tmp_path: Path, line: str, says: str
 def test_report_with_an_empty_or_garbage_run_json_is_one_line(tmp_path: Path, text: str) -> None:
     (tmp_path / "run.json").write_text(text)
     one_line_error(search(["report", "--out", str(tmp_path)], dict(os.environ)), "not a run record")
+
+
+def test_finetune_continues_the_best_trial_exports_it_and_resumes_exactly_after_an_interrupt(
+    finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`finetune` on two copies of one run: straight through, and interrupted after step 4 then run again.
+    Both end with the same weights, bit for bit; best/ and report.md carry the accuracy before and after."""
+    import search.finetune
+    from search.data import load_data
+    from search.train import evaluate
+
+    out, args, env = finished_run
+    monkeypatch.setenv("GKPD_CACHE", env["GKPD_CACHE"])
+    monkeypatch.setenv("GKPD_OFFLINE", "1")
+    torch.set_num_threads(1)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    shutil.copytree(out, straight)
+    shutil.copytree(out, interrupted)
+    monkeypatch.setattr(search.finetune, "SAVE_EVERY", 2)
+    assert search.finetune.finetune_run(straight, steps=6, device="cpu") == 0
+
+    real_distill = search.finetune.distill
+
+    def stopped_at_4(*a, **kw):
+        def progress(step, total, loss):
+            if step == 4:
+                raise KeyboardInterrupt
+        return real_distill(*a, **{**kw, "progress": progress})
+
+    monkeypatch.setattr(search.finetune, "distill", stopped_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        search.finetune.finetune_run(interrupted, steps=6, device="cpu")
+    assert not (interrupted / "best/export.json").read_text().count('"finetune"')  # best/ untouched so far
+    monkeypatch.setattr(search.finetune, "distill", real_distill)
+    assert search.finetune.finetune_run(interrupted, steps=6, device="cpu") == 0
+
+    a = torch.load(straight / "best/model.pt", weights_only=True)
+    b = torch.load(interrupted / "best/model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((straight / "best/export.json").read_text())
+    name = json.loads((out / "run.json").read_text())["study_name"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{straight / 'study.db'}")
+    trial = study.trials[meta["trial"]]
+    done = meta["finetune"]
+    assert done["steps"] == 6 and done["before"]["val_accuracy"] == trial.values[0]
+    assert done["before"]["test_accuracy"] == trial.user_attrs["test_accuracy"]
+    # The accuracy recorded after is the exported model's, on the study's own validation split.
+    data = load_data("fashion-mnist", data_dir=None, seed=0, max_train_images=256, max_eval_images=128,
+                     download=False)
+    model = load_exported(create_model("resnet20", in_channels=1, num_classes=10), straight / "best")
+    assert evaluate(model, data.val_x, data.val_y, device="cpu") == done["after"]["val_accuracy"]
+    assert meta["val_accuracy"] == done["after"]["val_accuracy"]
+    assert (straight / "best/model.onnx").is_file()
+    report = (straight / "report.md").read_text()
+    assert "## Final fine-tune (best/)" in report and f"{100 * done['after']['val_accuracy']:.2f}%" in report
+    # Run again: the finished fine-tune is re-exported, not trained again.
+    monkeypatch.setattr(search.finetune, "distill", None)  # would fail if called
+    assert search.finetune.finetune_run(straight, steps=6, device="cpu") == 0
+    again = torch.load(straight / "best/model.pt", weights_only=True)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+
+
+def test_finetune_bad_input_is_one_line_exit_2(finished_run, tmp_path: Path) -> None:
+    out, _, env = finished_run
+    env = {**env, "GKPD_OFFLINE": "1"}
+    name = json.loads((out / "run.json").read_text())["study_name"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+    before = digest(out / "study.db")
+    cases = [(["--out", str(tmp_path)], "no run.json"), (["--out", str(out), "--trial", "999"], "no such trial"),
+             (["--out", str(out), "--steps", "0"], "--steps must be at least 1")]
+    pruned = [t.number for t in study.trials if t.state.name != "COMPLETE"]
+    if pruned:
+        cases.append((["--out", str(out), "--trial", str(pruned[0])], "not COMPLETE"))
+    other = tmp_path / "other-teacher.pt"
+    torch.save(create_model("resnet20", in_channels=1, num_classes=10).state_dict(), other)
+    cases.append((["--out", str(out), "--teacher", str(other)], "is not the teacher this study compressed"))
+    for argv, says in cases:
+        one_line_error(search(["finetune", *argv], env), says)
+    assert digest(out / "study.db") == before
+    assert not (out / "finetune").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -215,3 +216,38 @@ def test_distill_refuses_cached_logits_for_augmented_or_other_images() -> None:
     other = TeacherLogits(teacher, data.train_x.clone(), device="cpu")
     with pytest.raises(ValueError, match="other data"):
         distill(_small_net(2), teacher, data, steps=2, batch_size=16, lr=0.05, device="cpu", seed=0, teacher_logits=other)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_an_interrupted_distill_resumed_from_its_state_ends_with_the_same_weights(augment: bool) -> None:
+    data = _tiny_data(96)  # 48 training images: batches of 20 start a new epoch every 2 steps
+    if augment:  # a dataset with random crops, so the generator's state matters too
+        data = dataclasses.replace(data, name="fashion-mnist")
+    teacher = _small_net(0)
+    train_teacher(teacher, data, steps=10, batch_size=16, lr=0.1, device="cpu", seed=0)
+    kwargs = dict(steps=9, batch_size=20, lr=0.05, device="cpu", seed=3, augment=augment)
+
+    whole = _small_net(1)
+    distill(whole, teacher, data, **kwargs)
+
+    saved: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def keep(state: dict) -> None:
+        saved.append({"model": {k: v.clone() for k, v in first.state_dict().items()}, "loop": state})
+        if state["step"] == 4:
+            raise Stop
+
+    first = _small_net(1)
+    with pytest.raises(Stop):
+        distill(first, teacher, data, on_save=keep, save_every=2, **kwargs)
+    assert [s["loop"]["step"] for s in saved] == [2, 4]
+
+    resumed = _small_net(7)  # other initial weights: everything must come from the saved state
+    resumed.load_state_dict(saved[-1]["model"])
+    stats = distill(resumed, teacher, data, resume=saved[-1]["loop"], **kwargs)
+    assert stats["steps"] == 9
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

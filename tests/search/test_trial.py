@@ -38,3 +38,60 @@ def test_trials_fine_tune_on_the_same_batches_so_the_teacher_runs_once(
     assert len(done) == 2 and done[0].params != done[1].params
     assert all(t.user_attrs.get("over_budget") for t in study.trials if t not in done)
     assert ctx.teacher_logits.cached == 3 * batch  # the second plan saw the same images: nothing new to compute
+
+
+def test_the_frontier_leader_is_continued_to_four_times_the_fine_tune_from_its_checkpoint(
+    teacher_cache: Path, tiny_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Multi-fidelity: with one trial left of --trials and --long-finetunes 1, the best frontier trial is queued
+    again, continued from its weights for 3x --finetune-steps more (seed + 1), and recorded at fidelity 4."""
+    import torch
+
+    import gkpd
+    from search.report import fidelity_pairs
+    from search.study import CONTINUES, leaders, queue_long_finetune, run_one, trial_checkpoint, trial_plan
+    from search.train import TeacherLogits, distill, evaluate
+    from search.trial import FINETUNE_LR
+
+    monkeypatch.setenv("GKPD_CACHE", str(teacher_cache))
+    torch.set_num_threads(1)
+    args = [*tiny_args, "--finetune-steps", "3", "--prune-margin", "1", "--trials", "3", "--long-finetunes", "1",
+            "--out", str(tmp_path)]
+    prepared = Prepared(config_from_args(parse_args(args)))
+    ctx, config = prepared.ctx, prepared.config
+    study = optuna.create_study(study_name=config.study_name, directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    objective = make_objective(ctx)
+    seeds = [ctx.space.allocate(mflops=f * 25.0, scores=ctx.scores) for f in (1.0, 0.8)]
+    for plan in seeds:
+        study.enqueue_trial(ctx.space.params_from_plan(plan))
+    run_one(study, objective)
+    assert queue_long_finetune(study, config) is None  # 2 trials left of 3, 1 reserved (and a seed waits)
+    run_one(study, objective)
+    short = leaders(study)[0]
+    assert queue_long_finetune(study, config) == short.number
+    assert queue_long_finetune(study, config) is None  # queued once
+    continued = run_one(study, objective)
+    assert continued.user_attrs[CONTINUES] == short.number and continued.params == short.params
+    assert continued.user_attrs["fidelity"] == 4 and continued.user_attrs["finetune_steps"] == 12
+    assert continued.user_attrs["short_val_accuracy"] == short.values[0]
+    assert continued.values[1] == short.values[1]  # the same plan, the same cost
+    assert queue_long_finetune(study, config) is None  # --trials reached
+
+    # Known answer: the short trial's weights, distilled 9 steps more with seed + 1, give this accuracy.
+    student = gkpd.kroneckerize(ctx.teacher, trial_plan(short))
+    student.load_state_dict(torch.load(trial_checkpoint(short, tmp_path), weights_only=True))
+    distill(student, ctx.teacher, ctx.data, steps=9, batch_size=32, lr=FINETUNE_LR, device="cpu",
+            seed=config.seed + 1, teacher_logits=TeacherLogits(ctx.teacher, ctx.data.train_x, device="cpu"))
+    assert evaluate(student, ctx.data.val_x, ctx.data.val_y, device="cpu") == continued.values[0]
+    pairs = fidelity_pairs(study)
+    assert list(pairs.trial) == [short.number] and list(pairs.long_val) == [continued.values[0]]
+
+
+def test_concordance_counts_pairs_ordered_alike() -> None:
+    from search.report import concordance
+
+    assert concordance([0.1, 0.2, 0.3], [0.5, 0.6, 0.7]) == (3, 3)
+    assert concordance([0.1, 0.2, 0.3], [0.7, 0.6, 0.5]) == (0, 3)
+    assert concordance([0.1, 0.2, 0.3], [0.5, 0.7, 0.6]) == (2, 3)
+    assert concordance([0.1, 0.1, 0.3], [0.5, 0.7, 0.6]) == (1, 2)  # a tie orders nothing
