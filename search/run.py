@@ -27,6 +27,7 @@ from search.files import atomic_text, create_text
 from search.models import create_model
 from search.progress import Eta, log
 from search.report import best_row, format_table, write_report
+from search.sensitivity import study_table_key
 from search.storage import open_storage, redact, sqlite_path, without_password
 from search.study import (
     check_identity, existing_identity, file_digest, finished_count, join_study, make_objective, open_study,
@@ -34,7 +35,7 @@ from search.study import (
 )
 from search.teacher import find_teacher, get_teacher, load_teacher, teacher_cache_path, teacher_digest
 from search.train import evaluate
-from search.trial import TrialContext
+from search.trial import SENSITIVITY, TrialContext
 from spaces import SearchSpace, build_space
 
 __all__ = [
@@ -196,7 +197,8 @@ class Prepared:
         self.space = build_space(self.teacher, shape, preset=config.preset, skip=config.skip)
         if source is not None:
             _check_budget(self.space, config)
-        self.identity = study_identity(config, teacher=digest, space=self.space)
+        table = study_table_key(self.teacher, self.space, self.data.train_x) if SENSITIVITY else None
+        self.identity = study_identity(config, teacher=digest, space=self.space, sensitivity=table)
         check_identity(self.identity, found, config.study_name)
         if self.storage is None:
             config.out.mkdir(parents=True, exist_ok=True)

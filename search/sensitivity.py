@@ -34,7 +34,7 @@ from search.progress import duration, log
 from spaces import Candidate, SearchSpace
 
 __all__ = ["Point", "SensitivityTable", "pick_candidates", "measure_sensitivity", "calibration_images",
-           "table_key", "load_or_measure", "CALIBRATION_IMAGES", "POINTS_PER_LAYER"]
+           "table_key", "study_table_key", "load_or_measure", "CALIBRATION_IMAGES", "POINTS_PER_LAYER"]
 
 # 256 training images: on ResNet-32 the losses of the chosen candidates move by a few percent between two
 # disjoint sets of 256, far less than the factor-of-ten spread between layers that the table is for.
@@ -211,43 +211,77 @@ def measure_sensitivity(
     return SensitivityTable(table, meta=meta)
 
 
-def table_key(teacher: nn.Module, space: SearchSpace, *, images: int, points: int) -> str:
-    """Hash of what the table depends on: the teacher's weights, the space's choices, the protocol."""
+def table_key(teacher: nn.Module, space: SearchSpace, x: torch.Tensor, *, points: int) -> str:
+    """Hash of what the table depends on: the teacher's weights, the space's choices, the calibration images
+    ``x`` and the protocol."""
     digest = hashlib.sha256()
     for name, tensor in sorted(teacher.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(x.detach().cpu().contiguous().numpy().tobytes())
     choices = {name: [c.key for c in layer.candidates] for name, layer in space.layers.items()}
-    digest.update(json.dumps({"choices": choices, "images": images, "points": points, "seed": CALIBRATION_SEED,
+    digest.update(json.dumps({"choices": choices, "images": len(x), "points": points, "seed": CALIBRATION_SEED,
                               "version": _VERSION}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def _calibration_count(space: SearchSpace, train_x: torch.Tensor, *, images: int, points: int) -> int:
+    # A small training set (tests, --max-train-images) gets a quarter of it: the table stays cheap beside it.
+    images = min(images, max(32, len(train_x) // 4), len(train_x))
+    measurements = max(1, points * len(space.choices()))
+    affordable = int(CALIBRATION_MACS / (measurements * max(1, space.baseline_cost().macs)))
+    return min(images, max(MIN_CALIBRATION_IMAGES, affordable))
+
+
+def study_table_key(teacher: nn.Module, space: SearchSpace, train_x: torch.Tensor, *,
+                    images: int = CALIBRATION_IMAGES, points: int = POINTS_PER_LAYER) -> str:
+    """The key of the table ``load_or_measure`` gives for these arguments (part of a study's identity)."""
+    count = _calibration_count(space, train_x, images=images, points=points)
+    return table_key(teacher, space, calibration_images(train_x, count), points=points)
 
 
 def load_or_measure(
     teacher: nn.Module, space: SearchSpace, train_x: torch.Tensor, run_dir: Path, *,
     device: torch.device | str = "cpu", images: int = CALIBRATION_IMAGES, points: int = POINTS_PER_LAYER,
+    shared_dir: Path | None = None,
 ) -> SensitivityTable:
     """The study's table from ``run_dir/sensitivity-<key>.json``, measured (under a file lock) if absent.
 
     Every worker of a study gets the same table: the first measures it, the others wait and read its file.
+    ``shared_dir`` (the cache beside the teachers): a table measured by any earlier study of the same teacher,
+    space and images is copied from there instead of measured again, and a new one is left there too.
     """
-    # A small training set (tests, --max-train-images) gets a quarter of it: the table stays cheap beside it.
-    images = min(images, max(32, len(train_x) // 4), len(train_x))
-    measurements = max(1, points * len(space.choices()))
-    affordable = int(CALIBRATION_MACS / (measurements * max(1, space.baseline_cost().macs)))
-    images = min(images, max(MIN_CALIBRATION_IMAGES, affordable))
-    key = table_key(teacher, space, images=images, points=points)
-    path = Path(run_dir) / f"sensitivity-{key}.json"
+    count = _calibration_count(space, train_x, images=images, points=points)
+    x = calibration_images(train_x, count)
+    name = f"sensitivity-{table_key(teacher, space, x, points=points)}.json"
+    path = Path(run_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(path) + ".lock"):
         if path.exists():
             table = SensitivityTable.from_dict(json.loads(path.read_text()))
             log(f"sensitivity: loaded {path.name} ({table})")
             return table
-        log(f"sensitivity: measuring {len(space.choices())} layers x {points} candidates on {images} training "
+        shared = Path(shared_dir) / name if shared_dir is not None else None
+        if shared is not None and shared.is_file():
+            try:
+                text = shared.read_text()
+                table = SensitivityTable.from_dict(json.loads(text))
+            except (OSError, ValueError, KeyError) as err:  # a damaged cache entry is measured again
+                log(f"sensitivity: ignoring cached {shared} ({type(err).__name__})")
+            else:
+                atomic_text(path, text)
+                log(f"sensitivity: {table} from the cache ({shared})")
+                return table
+        log(f"sensitivity: measuring {len(space.choices())} layers x {points} candidates on {count} training "
             f"images; saved to {path.name}")
-        table = measure_sensitivity(teacher, space, calibration_images(train_x, images), points=points,
-                                    device=device)
-        atomic_text(path, json.dumps(table.to_dict(), indent=1) + "\n")
+        table = measure_sensitivity(teacher, space, x, points=points, device=device)
+        text = json.dumps(table.to_dict(), indent=1) + "\n"
+        atomic_text(path, text)
+        if shared is not None:
+            try:
+                shared.parent.mkdir(parents=True, exist_ok=True)
+                atomic_text(shared, text)
+            except OSError as err:  # a read-only cache costs the next study a measurement, nothing more
+                log(f"sensitivity: could not cache the table in {shared.parent} ({err.strerror})")
         log(f"sensitivity: {table} in {duration(float(table.meta['seconds']))}")  # type: ignore[arg-type]
         return table

@@ -77,10 +77,12 @@ def space_digest(space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(space.choices(), sort_keys=True).encode()).hexdigest()
 
 
-def study_identity(config: SearchConfig, *, teacher: str, space: SearchSpace) -> dict[str, Any]:
-    """Everything a trial's result depends on: the settings, the fine-tune rate, the teacher and the space."""
+def study_identity(config: SearchConfig, *, teacher: str, space: SearchSpace,
+                   sensitivity: str | None = None) -> dict[str, Any]:
+    """Everything a trial's result depends on: the settings, the fine-tune rate, the teacher, the space and
+    the sensitivity table that repairs proposals and ranks the seeds (its key; None: not measured)."""
     return {**config.identity(), "finetune_lr": FINETUNE_LR, "teacher_sha256": teacher,
-            "space_sha256": space_digest(space)}
+            "space_sha256": space_digest(space), "sensitivity_key": sensitivity}
 
 
 def check_identity(wanted: dict[str, Any], found: dict[str, Any] | None, study_name: str) -> None:

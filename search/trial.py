@@ -26,6 +26,7 @@ from search.files import atomic_save
 from search.fit import fit_factors, summarize
 from search.progress import duration, log
 from search.sensitivity import SensitivityTable, calibration_images, load_or_measure
+from search.teacher import default_cache_dir
 from search.train import TeacherLogits, distill, evaluate, recalibrate_bn
 from spaces import SearchSpace
 
@@ -90,12 +91,17 @@ class TrialContext:
         self.teacher_logits = TeacherLogits(self.teacher, self.data.train_x, device=self.device)
         if self.sensitivity is None and SENSITIVITY:
             self.sensitivity = load_or_measure(self.teacher, self.space, self.data.train_x, self.config.out,
-                                               device=self.device)
+                                               device=self.device, shared_dir=sensitivity_cache(self.config))
 
     @property
     def scores(self) -> dict | None:
         """What ``space.allocate``/``repair`` minimize (``scores=``): the predicted loss, or None (the error sum)."""
         return self.sensitivity.scores() if self.sensitivity is not None else None
+
+
+def sensitivity_cache(config: SearchConfig) -> Path:
+    """Where measured sensitivity tables are kept across studies: beside the teacher cache."""
+    return config.cache_dir / "sensitivity" if config.cache_dir is not None else default_cache_dir() / "sensitivity"
 
 
 def build_student(ctx: TrialContext, plan: gkpd.Plan, *, fit_images: int | None = None) -> nn.Module:

@@ -128,6 +128,31 @@ def test_cached_beside_the_study_and_keyed_by_the_teacher(tmp_path: Path) -> Non
     assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2  # another teacher: another table
 
 
+def test_a_table_is_shared_between_studies_of_the_same_teacher_space_and_images(tmp_path: Path) -> None:
+    from search.sensitivity import study_table_key
+
+    teacher = _net()
+    space = build_space(teacher, (4, 8, 8))
+    train_x = torch.randn(100, 4, 8, 8)
+    shared = tmp_path / "cache"
+    first = load_or_measure(teacher, space, train_x, tmp_path / "a", images=32, points=2, shared_dir=shared)
+    key = study_table_key(teacher, space, train_x, images=32, points=2)
+    assert [f.name for f in shared.iterdir()] == [f"sensitivity-{key}.json"]
+    assert (tmp_path / "a" / f"sensitivity-{key}.json").read_text() == (shared / f"sensitivity-{key}.json").read_text()
+    second = load_or_measure(teacher, space, train_x, tmp_path / "b", images=32, points=2, shared_dir=shared)
+    assert second.meta["seconds"] == first.meta["seconds"]  # copied, not measured again
+    assert (tmp_path / "b" / f"sensitivity-{key}.json").is_file()
+    # Other training images (another dataset, split or --max-train-images): another table.
+    other = torch.randn(100, 4, 8, 8)
+    assert study_table_key(teacher, space, other, images=32, points=2) != key
+    load_or_measure(teacher, space, other, tmp_path / "c", images=32, points=2, shared_dir=shared)
+    assert len(list(shared.glob("sensitivity-*.json"))) == 2
+    # A damaged cache entry is measured again, not trusted.
+    (shared / f"sensitivity-{key}.json").write_text("{")
+    third = load_or_measure(teacher, space, train_x, tmp_path / "d", images=32, points=2, shared_dir=shared)
+    assert third.points == first.points
+
+
 def test_calibration_images_are_a_fixed_subset_of_the_training_images() -> None:
     train_x = torch.arange(50.0).reshape(50, 1, 1, 1)
     a, b = calibration_images(train_x, 10), calibration_images(train_x, 10)
