@@ -30,7 +30,8 @@ from search.teacher import default_cache_dir
 from search.train import TeacherLogits, distill, evaluate, recalibrate_bn
 from spaces import SearchSpace
 
-__all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "continue_trial", "build_student", "FINETUNE_LR"]
+__all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "continue_trial", "build_student",
+           "sensitivity_cache", "FINETUNE_LR"]
 
 # Peak SGD learning rate of the fine-tune (5% warm-up, then cosine to zero). Measured on the default run's
 # teacher (ResNet-18, Fashion-MNIST, 150 steps of 32, 2,000 val images): allocate@300 MFLOPs reached
