@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from gkpd.decompose import reconstruct
 from gkpd.spec import ConvGeometry, KroneckerSpec, Order
 
-__all__ = ["Path", "PATHS", "kronecker_conv2d", "kronecker_linear", "factorized_conv2d", "materialized_conv2d"]
+__all__ = [
+    "Path", "PATHS", "kronecker_conv2d", "kronecker_linear", "factorized_conv2d", "materialized_conv2d", "is_plain",
+]
 
 Path = Literal["factorized", "materialized"]
 PATHS: tuple[Path, ...] = ("factorized", "materialized")
@@ -70,6 +72,8 @@ def factorized_conv2d(
     rank, count = spec.rank, len(factors)
     n = x.shape[0]
     x, padding = _pad(x, pads)
+    if is_plain(spec, steps):
+        return _plain_chain(x, factors, steps, padding)
     sizes = [s[1] for s in spec.factor_shapes]  # current size of each mode
     y = x.reshape(n, 1, *sizes, *x.shape[-2:])
     labels = ["n", "r", *range(count)]  # axis labels before the two spatial axes
@@ -101,6 +105,38 @@ def factorized_conv2d(
     return y.reshape(n, spec.weight_shape[0], *y.shape[-2:])
 
 
+def is_plain(spec: KroneckerSpec, steps: Sequence[dict]) -> bool:
+    """Whether every step of the chain is a plain conv: no other mode has more than one channel at that step.
+
+    Then no channel is folded into the batch and nothing is permuted: e.g. the SVD-like split ``a (F,1,kh,kw)``,
+    ``b (1,C,kh,kw)`` in order "ba" is a conv C -> R, then a conv R -> F; CP's chain adds depthwise convs.
+    """
+    sizes = [s[1] for s in spec.factor_shapes]
+    for step in steps:
+        m = step["factor"]
+        if math.prod(size for j, size in enumerate(sizes) if j != m) != 1:
+            return False
+        sizes[m] = spec.factor_shapes[m][0]
+    return True
+
+
+def _plain_chain(x: torch.Tensor, factors: Sequence[torch.Tensor], steps: Sequence[dict],
+                 padding: tuple[int, int]) -> torch.Tensor:
+    """The chain of an all-plain factorization (see :func:`is_plain`) on ``x [N, C, H, W]`` as it is: views of the
+    factors as kernels, no reshape of the activations (a channels_last input stays channels_last)."""
+    rank, count, y = factors[0].shape[0], len(steps), x
+    for i, step in enumerate(steps):
+        weight = factors[step["factor"]]
+        f_m, c_m, kernel_hw = weight.shape[1], weight.shape[2], weight.shape[3:]
+        if i == count - 1:  # sums over the rank: [F_m, R * C_m]
+            kernel, groups = weight.transpose(0, 1).reshape(f_m, rank * c_m, *kernel_hw), 1
+        else:  # the first maps C_m to R * F_m; a middle one is grouped by rank
+            kernel, groups = weight.reshape(rank * f_m, c_m, *kernel_hw), 1 if i == 0 else rank
+        y = F.conv2d(y, kernel, stride=step["stride"], padding=padding if i == 0 else 0,
+                     dilation=step["dilation"], groups=groups)
+    return y
+
+
 def materialized_conv2d(
     x: torch.Tensor,
     *factors: torch.Tensor,
@@ -122,10 +158,18 @@ def kronecker_conv2d(
     dilation: tuple[int, int] = (1, 1),
     pads: tuple[int, int, int, int] = (0, 0, 0, 0),
     path: Path = "factorized",
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Conv of ``x [N, C, H, W]`` with ``sum_r f1[r] ⊗ ... ⊗ fN[r]`` (cross-correlation, zero pads ``(top, bottom, left, right)``)."""
+    """Conv of ``x [N, C, H, W]`` with ``sum_r f1[r] ⊗ ... ⊗ fN[r]`` (cross-correlation, zero pads ``(top, bottom, left, right)``).
+
+    ``weight``: that sum, when the caller keeps it already (a layer at inference); the materialized path uses it.
+    """
     if path == "factorized":
         y = factorized_conv2d(x, *factors, stride=stride, dilation=dilation, pads=pads)
+    elif path == "materialized" and weight is not None:
+        x, padding = _pad(x, pads)
+        y = F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
+        return y  # the bias went into the conv, as in a dense layer
     elif path == "materialized":
         y = materialized_conv2d(x, *factors, stride=stride, dilation=dilation, pads=pads)
     else:
@@ -135,14 +179,16 @@ def kronecker_conv2d(
 
 
 def kronecker_linear(
-    x: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *, path: Path = "factorized"
+    x: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *, path: Path = "factorized",
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [..., C]`` times ``(sum_r f1[r] ⊗ ... ⊗ fN[r])^T`` with factors ``[R, F_n, C_n]`` -> ``[..., F]``.
 
-    A linear layer is a 1x1 convolution, so it shares the conv paths (and their exact cost).
+    A linear layer is a 1x1 convolution, so it shares the conv paths (and their exact cost). ``weight``: the
+    sum, when the caller keeps it already (the materialized path uses it).
     """
     if path == "materialized":
-        return F.linear(x, reconstruct(*factors), bias)
+        return F.linear(x, reconstruct(*factors) if weight is None else weight, bias)
     lead, c = x.shape[:-1], x.shape[-1]
     y = kronecker_conv2d(x.reshape(-1, c, 1, 1), [f[..., None, None] for f in factors], path=path)
     y = y.reshape(*lead, -1)

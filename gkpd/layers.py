@@ -50,41 +50,58 @@ def _seconds(fn) -> float:
 
 
 PROBE_ROWS = 16  # images in the first, cheap timing round of path="auto"
+# "factorized" must beat the dense-like "materialized" by this fraction to be chosen: a near tie is noise, and the
+# dense conv is the one whose speed does not depend on the factor shapes (so auto is never much slower than dense).
+DENSE_MARGIN = 0.05
 
 
-def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, repeats: int = 3) -> Path:
-    """Time both exact paths on this very input (forward, plus backward when training) and keep the faster.
+def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, repeats: int = 3,
+                  margin: float = DENSE_MARGIN) -> Path:
+    """Time both exact paths on this very input (forward, plus backward when training) and keep the faster,
+    "factorized" only when it is faster than "materialized" by more than ``margin``.
 
     First a probe round on the first ``PROBE_ROWS`` rows of ``x``: a path 3x slower than the other there is
     out without ever running on the whole input (on CPUs the factorized path of an odd factor shape can be 30x
     slower than dense, and timing it on a batch of 512 once cost more than screening the plan). When both
-    paths survive, each is timed on the whole input, keeping its least disturbed time (other load only ever
-    adds time) of ``repeats`` after one warm-up call.
+    paths survive, each is timed on the whole input, interleaved, keeping its least disturbed time (other load
+    only ever adds time) of ``repeats`` after one warm-up call.
     """
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     training = torch.is_grad_enabled() and factors[0].requires_grad
     factors_ = tuple(f.detach().requires_grad_(training) for f in factors)
 
-    def timed(path: Path, rows: torch.Tensor, times: int) -> float:
+    def once(path: Path, rows: torch.Tensor) -> float:
         def go() -> None:
             y = run(rows, factors_, path)
             if training:
                 torch.autograd.grad(y.sum(), factors_)
             sync()
 
-        go()  # warm-up: allocations, kernel selection
-        return min(_seconds(go) for _ in range(times))
+        return _seconds(go)
+
+    def timed(paths: tuple[Path, ...], rows: torch.Tensor, times: int) -> dict[Path, float]:
+        for path in paths:
+            once(path, rows)  # warm-up: allocations, kernel selection (and the dense weight's cache)
+        best = {path: math.inf for path in paths}
+        for _ in range(times):  # interleaved, so that drift hits both paths alike
+            for path in paths:
+                best[path] = min(best[path], once(path, rows))
+        return best
+
+    def pick(seconds: dict[Path, float]) -> Path:
+        if "factorized" in seconds and "materialized" in seconds:
+            return "factorized" if seconds["factorized"] < (1 - margin) * seconds["materialized"] else "materialized"
+        return next(iter(seconds))
 
     with torch.set_grad_enabled(training):
         x_ = x.detach()
         paths: tuple[Path, ...] = ("materialized", "factorized")  # the dense-like path first
         if len(x_) > PROBE_ROWS:
-            probe = {path: timed(path, x_[:PROBE_ROWS], 1) for path in paths}
+            probe = timed(paths, x_[:PROBE_ROWS], 1)
             paths = tuple(path for path in paths if probe[path] <= 3 * min(probe.values()))
             if len(paths) == 1:
                 return paths[0]
-        full = {path: timed(path, x_, repeats) for path in paths}
-    return min(full, key=full.__getitem__)
+        return pick(timed(paths, x_, repeats))
 
 
 FACTOR_NAMES = "abcdefgh"  # parameter names of the factors, in order: a, b for two factors, then c, d, ...
@@ -131,6 +148,24 @@ class _KroneckerBase(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight the factors stand for (rebuilt on each access)."""
         return reconstruct(*self.factors)
+
+    def _dense_weight(self, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``reconstruct(*factors)``; without autograd (inference), kept until a factor changes.
+
+        The key is each factor's storage and version counter: an optimizer step, ``load_state_dict`` or any other
+        in-place change bumps the version, ``.to()`` gives new storage, so a stale weight is never used. A forward
+        that needs gradients (training) drops the cached weight and rebuilds it each time, as it must.
+        """
+        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+            self._dense_cache = None
+            return reconstruct(*factors)
+        key = tuple((f.data_ptr(), f._version, f.device, f.dtype, f.shape) for f in factors)
+        cached = getattr(self, "_dense_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, reconstruct(*factors))
+            self._dense_cache = cached
+        return cached[1]
 
     def _choose(self, x: torch.Tensor, key: tuple, run) -> Path:
         if self.path != "auto":
@@ -204,7 +239,9 @@ class KroneckerConv2d(_KroneckerBase):
         return ConvGeometry(in_hw, self.stride, self.dilation, self.pads)
 
     def _run(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: Path) -> torch.Tensor:
-        return kronecker_conv2d(x, factors, self.bias, stride=self.stride, dilation=self.dilation, pads=self.pads, path=path)
+        weight = self._dense_weight(factors) if path == "materialized" else None
+        return kronecker_conv2d(x, factors, self.bias, stride=self.stride, dilation=self.dilation, pads=self.pads,
+                                path=path, weight=weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The geometry, not just the input size: stride, dilation and pads change what each path costs.
@@ -270,7 +307,8 @@ class KroneckerLinear(_KroneckerBase):
         return ConvGeometry((rows, 1))
 
     def _run(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: Path) -> torch.Tensor:
-        return kronecker_linear(x, factors, self.bias, path=path)
+        weight = self._dense_weight(factors) if path == "materialized" else None
+        return kronecker_linear(x, factors, self.bias, path=path, weight=weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._choose(x, tuple(x.shape[1:-1]), self._run)

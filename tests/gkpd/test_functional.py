@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gkpd.functional
 from gkpd import KroneckerSpec, factorized_conv2d, kronecker_conv2d, kronecker_linear, materialized_conv2d, reconstruct
 from gkpd.spec import ConvGeometry
 
@@ -57,6 +58,9 @@ def test_every_path_equals_conv_with_the_reconstructed_weight(case: dict) -> Non
         torch.testing.assert_close(
             kronecker_conv2d(x, (a, b), bias, path=path, **kwargs), expected + bias[:, None, None], **TOL
         )
+    # A layer at inference passes the dense weight it keeps.
+    torch.testing.assert_close(kronecker_conv2d(x, (a, b), bias, path="materialized", weight=reconstruct(a, b),
+                                                **kwargs), expected + bias[:, None, None], **TOL)
 
 
 def test_both_spatial_factors_need_the_dilated_second_step() -> None:
@@ -100,3 +104,31 @@ def test_linear_equals_f_linear(f1, f2, c1, c2, rank, lead, bias, seed) -> None:
     assert expected.shape == (*lead, f1 * f2)
     for path in ("factorized", "materialized"):
         torch.testing.assert_close(kronecker_linear(x, (a, b), bias_, path=path), expected, **TOL)
+
+
+@pytest.mark.parametrize("shapes", [
+    [(6, 1, 1, 1), (1, 4, 3, 3)],  # SVD-like, order "ba": conv C -> R, then R -> F
+    [(1, 4, 3, 1), (6, 1, 1, 3)],  # its mirror, order "ab"
+    [(6, 1, 1, 1), (1, 4, 1, 1), (1, 1, 3, 1), (1, 1, 1, 3)],  # CP: 1x1, two depthwise, 1x1
+])
+def test_plain_chains_run_without_reshapes_and_stay_exact(shapes, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    factors = [torch.randn(3, *s, dtype=torch.float64) for s in shapes]
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
+    spec = KroneckerSpec((6, 4, 3, 3), rank=3, factor_shapes=shapes)
+    geometry = ConvGeometry((7, 7), (2, 1), pads=(1, 1, 1, 1))
+    assert gkpd.functional.is_plain(spec, spec.steps(geometry, spec.cheaper_order(geometry)))
+    plain: list[int] = []
+    real = gkpd.functional._plain_chain
+    monkeypatch.setattr(gkpd.functional, "_plain_chain", lambda *args: plain.append(1) or real(*args))
+    y = factorized_conv2d(x, *factors, stride=(2, 1), pads=(1, 1, 1, 1))
+    assert plain == [1]
+    expected = F.conv2d(x, reconstruct(*factors), stride=(2, 1), padding=1)
+    torch.testing.assert_close(y, expected, **TOL)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # nothing reshaped it back
+
+
+def test_a_split_that_folds_channels_is_not_plain() -> None:
+    spec = KroneckerSpec((6, 4, 3, 3), (2, 2, 3, 1), 1)
+    geometry = ConvGeometry((7, 7), pads=(1, 1, 1, 1))
+    assert not any(gkpd.functional.is_plain(spec, spec.steps(geometry, order)) for order in spec.orders())

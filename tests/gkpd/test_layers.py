@@ -252,7 +252,7 @@ def test_auto_probe_keeps_a_far_slower_path_off_the_whole_batch() -> None:
     run = _fake_paths({"materialized": 2e-5, "factorized": 1e-3}, calls)  # 50x apart
     assert gkpd.layers._measure_path(rows, (a, b), run) == "materialized"
     probe = gkpd.layers.PROBE_ROWS
-    assert calls == [("materialized", probe)] * 2 + [("factorized", probe)] * 2  # warm-up + one timing each
+    assert calls == [("materialized", probe), ("factorized", probe)] * 2  # warm-ups, then one timing each
 
 
 def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster() -> None:
@@ -260,7 +260,49 @@ def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster() -> Non
     rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
     run = _fake_paths({"materialized": 3e-4, "factorized": 1.5e-4}, calls)  # 2x apart: both go on
     assert gkpd.layers._measure_path(rows, (a, b), run, repeats=2) == "factorized"
-    assert [c for c in calls if c[1] == 64] == [("materialized", 64)] * 3 + [("factorized", 64)] * 3
+    assert [c for c in calls if c[1] == 64] == [("materialized", 64), ("factorized", 64)] * 3  # interleaved
+
+
+@pytest.mark.parametrize(("factorized", "chosen"), [(0.97, "materialized"), (0.90, "factorized")])
+def test_auto_keeps_the_dense_like_path_unless_factorized_wins_by_the_margin(factorized: float, chosen: str) -> None:
+    # 3% faster is within the 5% margin (noise): the dense-like path stays; 10% faster wins.
+    calls: list[tuple[str, int]] = []
+    rows, a, b = torch.ones(8, 2), torch.ones(1, 2), torch.ones(1, 2)
+    run = _fake_paths({"materialized": 2e-3, "factorized": factorized * 2e-3}, calls)
+    assert gkpd.layers.DENSE_MARGIN == 0.05
+    assert gkpd.layers._measure_path(rows, (a, b), run, repeats=3) == chosen
+
+
+def test_inference_keeps_the_dense_weight_until_a_factor_changes() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((6, 4, 3, 3), (2, 2, 3, 1), 2), path="materialized")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    rebuilt: list[int] = []
+    real = gkpd.layers.reconstruct
+    counting = lambda *f: rebuilt.append(1) or real(*f)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gkpd.layers, "reconstruct", counting)
+        layer.eval()
+        with torch.no_grad():
+            first, again = layer(x), layer(x)
+        assert len(rebuilt) == 1  # built once, then reused
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        layer.train()
+        layer(x).sum().backward()  # training rebuilds it with the graph, and drops the cached one
+        assert len(rebuilt) == 2 and layer._dense_cache is None
+        optimizer.step()  # the factors change in place
+        layer.eval()
+
+        def reference() -> torch.Tensor:
+            return torch.nn.functional.conv2d(x, real(layer.a, layer.b), layer.bias, padding=1)
+
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), reference(), **TOL)
+            layer.load_state_dict({k: v + 1 for k, v in layer.state_dict().items()})
+            torch.testing.assert_close(layer(x), reference(), **TOL)
+        assert len(rebuilt) == 4  # one rebuild after the step, one after load_state_dict
 
 
 def test_set_path_and_use_path() -> None:
