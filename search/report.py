@@ -21,6 +21,11 @@ from spaces.candidates import family
 __all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table", "fidelity_pairs",
            "concordance"]
 
+# Measured latency of each completed trial (search.latency), the dense teacher's beside it in the same run.
+LATENCY_COLUMNS = ("ms_b1", "dense_ms_b1", "speedup_b1", "ms_batch", "dense_ms_batch", "speedup_batch", "batch",
+                   "ort_ms_b1", "ort_dense_ms_b1", "ort_speedup_b1")
+LATENCY_SHOWN = ["ms_b1", "speedup_b1", "speedup_batch", "ort_ms_b1", "ort_speedup_b1"]
+
 UNIT_NOTE = ("MFLOPs are millions of multiply-accumulates (MACs), as fvcore counts them; "
              "torch's FlopCounterMode counts 2 FLOPs per MAC (column gflops_torch).")
 
@@ -48,6 +53,7 @@ def trials_frame(study: optuna.Study, *, baseline: dict[str, float]) -> pd.DataF
             "layers_decomposed": len(attrs.get("plan", {})),
             "families": families_of(attrs.get("plan", {})),
             "seconds": round(attrs["seconds"], 1) if "seconds" in attrs else None,
+            **{key: attrs.get(key) for key in LATENCY_COLUMNS},
             "note": attrs.get("stopped") or attrs.get("fail_reason") or _repair_note(attrs),
         })
     return pd.DataFrame(rows)
@@ -131,6 +137,43 @@ def _plot(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, budget: flo
     plt.close(fig)
 
 
+def _has_latency(frame: pd.DataFrame) -> bool:
+    return "ms_b1" in frame and frame.ms_b1.notna().any()
+
+
+def _plot_latency(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, teacher: dict[str, float],
+                  device: str) -> None:
+    """Validation accuracy versus measured batch-1 latency: torch on the run's device and onnxruntime (CPU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = trials[(trials.state == "COMPLETE") & trials.ms_b1.notna()]
+    front = pareto[pareto.ms_b1.notna()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for column, dense, color, what in (("ms_b1", "dense_ms_b1", "C0", f"torch, {device}"),
+                                       ("ort_ms_b1", "ort_dense_ms_b1", "C1", "onnxruntime CPU, fast form")):
+        ax.scatter(done[column], 100 * done.val_accuracy, s=18, c=color, alpha=0.35)
+        ax.scatter(front[column], 100 * front.val_accuracy, s=40, c=color, label=f"frontier ({what})", zorder=3)
+        if "val_accuracy" in teacher:
+            ax.scatter([done[dense].median()], [100 * teacher["val_accuracy"]], marker="*", s=140, c=color,
+                       edgecolors="k", label=f"teacher (dense, {what})", zorder=4)
+    ax.set_xlabel("latency at batch 1 (ms, median of 5)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _latency_devices(study: optuna.Study) -> str:
+    devices = sorted({t.user_attrs["latency_device"] for t in study.get_trials(deepcopy=False)
+                      if "latency_device" in t.user_attrs})
+    return ", ".join(devices) or "?"
+
+
 def fidelity_pairs(study: optuna.Study) -> pd.DataFrame:
     """Each completed longer fine-tune next to its short one: trial, continued trial, short and long val."""
     rows = [{"trial": t.user_attrs["continues"], "continued_as": t.number,
@@ -203,6 +246,18 @@ def write_report(study: optuna.Study, out: Path, *, objective: str, budget: floa
     best = best_row(pareto)
     columns = ["trial", "seed", "fidelity", "val_accuracy", "test_accuracy", "mflops", "gflops_torch", "mparams",
                "flops_ratio", "params_ratio", "families"]
+    latency_lines: list[str] = []
+    if not trials.empty and _has_latency(trials):
+        device = _latency_devices(study)
+        columns += LATENCY_SHOWN
+        _plot_latency(trials, pareto, out / "latency.png", teacher=teacher, device=device)
+        batch = int(trials.batch.dropna().iloc[0])
+        latency_lines = [
+            f"Latency measured after each trial, next to the dense teacher in the same process, interleaved, median "
+            f"of 5: torch on {device} at batch 1 (`ms_b1`, `speedup_b1` = dense ms / model ms) and at batch "
+            f"{batch} (`speedup_batch`); onnxruntime on the CPU at batch 1 of the fast form (`ort_ms_b1`, "
+            f"`ort_speedup_b1`; each Kronecker layer factorized or folded into a dense conv, whichever is faster). "
+            "latency.png: accuracy versus latency.", ""]
     counts = trials.state.value_counts().to_dict() if not trials.empty else {}
     lines = [
         f"# gkpd-search: {run['study_name']}",
@@ -220,6 +275,7 @@ def write_report(study: optuna.Study, out: Path, *, objective: str, budget: floa
         "",
         format_table(pareto, columns) if not pareto.empty else "No completed in-budget trial yet.",
         "",
+        *latency_lines,
     ]
     if best is not None:
         lines += ["## Best in-budget plan", "",

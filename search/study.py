@@ -343,7 +343,7 @@ def make_objective(ctx: TrialContext):
         for key, value in {"test_accuracy": result.test_accuracy, "mflops": result.mflops,
                            "mparams": result.mparams, "finetune_steps": result.finetune_steps,
                            "seconds": result.seconds, "checkpoint": checkpoint.as_posix(),
-                           "checkpoint_sha256": file_digest(config.out / checkpoint)}.items():
+                           "checkpoint_sha256": file_digest(config.out / checkpoint), **result.latency}.items():
             trial.set_user_attr(key, value)
         return result.val_accuracy, result.mflops if config.objective == "mflops" else result.mparams
 

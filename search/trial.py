@@ -22,6 +22,7 @@ import torch.nn as nn
 import gkpd
 from search.config import SearchConfig
 from search.data import DataSplits
+from search import latency
 from search.files import atomic_save
 from search.fit import fit_factors, summarize
 from search.progress import duration, log
@@ -65,6 +66,7 @@ class TrialResult:
     mparams: float
     finetune_steps: int
     seconds: float
+    latency: dict = field(default_factory=dict)  # search.latency.LATENCY_KEYS, when measured
 
 
 class Hopeless(Exception):
@@ -87,6 +89,7 @@ class TrialContext:
     # Measured once per study (cached in the run directory, shared by every worker) unless given or disabled.
     sensitivity: SensitivityTable | None = None
     teacher_logits: TeacherLogits = field(init=False)  # filled as trials fine-tune, reused by the next ones
+    _dense_session: object = field(init=False, default=None)  # the teacher in onnxruntime, exported once
 
     def __post_init__(self) -> None:
         self.teacher_logits = TeacherLogits(self.teacher, self.data.train_x, device=self.device)
@@ -98,6 +101,21 @@ class TrialContext:
     def scores(self) -> dict | None:
         """What ``space.allocate``/``repair`` minimize (``scores=``): the predicted loss, or None (the error sum)."""
         return self.sensitivity.scores() if self.sensitivity is not None else None
+
+
+def measure_trial_latency(ctx: TrialContext, student: nn.Module, label: str) -> dict:
+    """The student's latency next to the teacher's (search.latency), logged; {} when ``GKPD_LATENCY=0``."""
+    if not latency.enabled():
+        return {}
+    if ctx._dense_session is None:
+        ctx._dense_session = latency.ort_session(ctx.teacher, ctx.data.input_shape)
+    measured = latency.measure_latency(student, ctx.teacher, ctx.data.input_shape, batch=ctx.config.batch_size,
+                                       device=ctx.device, dense_session=ctx._dense_session)
+    log(f"{label}: latency on {measured['latency_device']}: batch 1 {measured['ms_b1']:.2f} ms "
+        f"({measured['speedup_b1']:.2f}x dense), batch {measured['batch']} {measured['ms_batch']:.1f} ms "
+        f"({measured['speedup_batch']:.2f}x); onnxruntime CPU batch 1 {measured['ort_ms_b1']:.2f} ms "
+        f"({measured['ort_speedup_b1']:.2f}x)")
+    return measured
 
 
 def sensitivity_cache(config: SearchConfig) -> Path:
@@ -187,7 +205,8 @@ def run_trial(
         atomic_save(student.state_dict(), checkpoint)
     seconds = time.perf_counter() - start
     log(f"{label}: val {val:.2%}, test {test:.2%} after {steps} fine-tune steps ({duration(seconds)})")
-    return TrialResult(val, test, screen, mflops, params / 1e6, steps, seconds)
+    measured = measure_trial_latency(ctx, student, label)
+    return TrialResult(val, test, screen, mflops, params / 1e6, steps, seconds, measured)
 
 
 def continue_trial(
@@ -220,4 +239,5 @@ def continue_trial(
         atomic_save(student.state_dict(), checkpoint)
     seconds = time.perf_counter() - start
     log(f"{label}: val {val:.2%}, test {test:.2%} after {steps} more fine-tune steps ({duration(seconds)})")
-    return TrialResult(val, test, float("nan"), mflops, params / 1e6, steps, seconds)
+    measured = measure_trial_latency(ctx, student, label)
+    return TrialResult(val, test, float("nan"), mflops, params / 1e6, steps, seconds, measured)

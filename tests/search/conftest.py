@@ -144,3 +144,9 @@ def local_ray_env(worker_env: dict[str, str]) -> dict[str, str]:
     from search.ray_backend import LOCAL_RAY_ENV
 
     return {**worker_env, **LOCAL_RAY_ENV}
+
+
+@pytest.fixture(autouse=True)
+def _no_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials skip the latency measurement (seconds each) unless a test turns it on (tests/search/test_latency.py)."""
+    monkeypatch.setenv("GKPD_LATENCY", "0")
