@@ -22,6 +22,7 @@ import optuna
 from search.config import BACKENDS, SAMPLERS, SearchConfig
 from search.data import DATASETS
 from search.finetune import DEFAULT_STEPS
+from search.latency import FORMS
 from search.models import MODELS
 from search.trial import FINETUNE_LR
 from search.run import (  # Prepared and run_search: also what callers used to import from here
@@ -165,6 +166,11 @@ def _run_parser(command: str) -> _Parser:
     p.add_argument("--study-name", help="default: the study recorded in OUT/run.json")
     if command in ("export", "finetune"):
         p.add_argument("--trial", type=int, help=f"trial number to {command} (default: the best in-budget trial)")
+    if command == "export":
+        p.add_argument("--form", default="fast", choices=FORMS,
+                       help="model.onnx: 'compact' keeps every Kronecker layer factorized (fewest parameters); "
+                            "'fast' exports each layer in whichever exact form runs faster on onnxruntime (CPU, "
+                            "batch 1, measured): factorized or folded into one dense conv (default: %(default)s)")
     if command == "finetune":
         p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="distillation steps (default: %(default)s, "
                        "about 10 minutes for the default run's plan on two CPU cores)")
@@ -190,7 +196,8 @@ def run(argv: Sequence[str]) -> int:
             return finetune_run(args.out, trial=args.trial, steps=args.steps, lr=args.lr, teacher=args.teacher,
                                 data_dir=args.data_dir, device=args.device, storage=args.storage,
                                 study_name=args.study_name)
-        return export_run(args.out, storage=args.storage, study_name=args.study_name, trial=args.trial)
+        return export_run(args.out, storage=args.storage, study_name=args.study_name, trial=args.trial,
+                          form=args.form)
     config = config_from_args(parse_args(argv))
     if config.workers > 1 or config.backend == "ray":
         from search.workers import run_distributed

@@ -14,13 +14,14 @@ import torch
 import torch.nn as nn
 
 import gkpd
+from search import latency
 from search.files import unique_dir
 
 __all__ = ["export_model", "export_onnx", "load_exported"]
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> float:
-    """Write ``model`` as ONNX (factorized layers, dynamic batch) and return onnxruntime's max |difference|."""
+    """Write ``model`` as ONNX (Kronecker layers factorized, dynamic batch); return onnxruntime's max |difference|."""
     import numpy as np
     import onnxruntime
 
@@ -46,13 +47,30 @@ def export_model(
     *,
     input_shape: Sequence[int],
     meta: Mapping[str, Any],
+    form: str = "fast",
+    dense: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/{plan.json, model.pt, model.onnx, export.json}``, replacing an older export as a whole.
 
+    ``form`` is the ONNX graph's: "compact" keeps every Kronecker layer factorized (fewest parameters); "fast"
+    exports each in whichever exact form runs faster on onnxruntime (CPU, batch 1, measured: factorized or
+    folded into one dense conv). plan.json's meta records the form of every layer; model.pt is always the
+    factors. With ``dense`` (the uncompressed model), the ONNX model's onnxruntime latency at batch 1 is
+    measured next to the dense model's (``ort_ms_b1``, ``ort_dense_ms_b1``, ``ort_speedup_b1``).
     A failed ONNX export does not lose the rest: ``out_dir`` then holds plan.json, model.pt and export.json
     (no model.onnx), and the summary's ``onnx_error`` says why.
     """
+    if form not in latency.FORMS:
+        raise ValueError(f"unknown form {form!r}: allowed {', '.join(latency.FORMS)}")
     out_dir = Path(out_dir)
+    model = model.cpu().eval()
+    if form == "fast":
+        forms = latency.fast_forms(model, input_shape)
+        graph = latency.fold(model, forms)
+    else:
+        forms = {name: "factorized" for name in plan}
+        graph = model
+    meta = {**meta, "form": form, "forms": forms}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = unique_dir(out_dir.parent, prefix=f".{out_dir.name}-")
     try:
@@ -60,10 +78,15 @@ def export_model(
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
         summary = {**meta, "files": ["plan.json", "model.pt"]}
         try:
-            onnx_diff = export_onnx(model, input_shape, tmp / "model.onnx")
+            onnx_diff = export_onnx(graph, input_shape, tmp / "model.onnx")
             if not onnx_diff < 1e-3:
                 raise RuntimeError(f"onnxruntime disagrees with PyTorch (max |diff| {onnx_diff:.3g})")
             summary.update(onnx_max_abs_diff=onnx_diff, files=[*summary["files"], "model.onnx"])
+            if dense is not None:
+                ms = latency.ort_latency({"dense": latency.ort_session(dense, input_shape),
+                                          "model": latency.open_session(str(tmp / "model.onnx"))}, input_shape)
+                summary.update(ort_ms_b1=ms["model"], ort_dense_ms_b1=ms["dense"],
+                               ort_speedup_b1=ms["dense"] / ms["model"])
         except Exception as err:  # the exporter and onnxruntime raise many types; the other files stand
             (tmp / "model.onnx").unlink(missing_ok=True)
             summary["onnx_error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

@@ -27,7 +27,7 @@ import gkpd
 from gkpd.layers import DENSE_MARGIN
 
 __all__ = ["LATENCY_ENV", "REPEATS", "Form", "FORMS", "enabled", "median_ms", "torch_latency", "ort_session",
-           "ort_latency", "fast_forms", "fold", "measure_latency", "describe", "LATENCY_KEYS"]
+           "open_session", "ort_latency", "fast_forms", "fold", "measure_latency", "describe", "LATENCY_KEYS"]
 
 LATENCY_ENV = "GKPD_LATENCY"
 REPEATS = 5
@@ -95,8 +95,6 @@ def torch_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int], *
 
 def ort_session(model: nn.Module, input_shape: Sequence[int]):
     """An onnxruntime CPU session of ``model`` (exported as traced: Kronecker layers factorized), torch's threads."""
-    import onnxruntime
-
     model = copy.deepcopy(model).eval().cpu()  # the caller's model stays where it is
     x = torch.zeros(1, *input_shape)
     buffer = io.BytesIO()
@@ -104,10 +102,17 @@ def ort_session(model: nn.Module, input_shape: Sequence[int]):
         warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is the legacy one
         torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["input"], output_names=["output"],
                           opset_version=17)
+    return open_session(buffer.getvalue())
+
+
+def open_session(onnx: bytes | str):
+    """An onnxruntime CPU session of an ONNX model (bytes or a file) on as many threads as torch uses."""
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
 
 
 def ort_latency(sessions: Mapping[str, Any], input_shape: Sequence[int], *, repeats: int = REPEATS) -> dict[str, float]:

@@ -71,3 +71,41 @@ def test_a_trial_stores_positive_latencies_whose_ratios_are_the_stored_times(tmp
 
 def test_latency_is_off_in_the_test_suite() -> None:
     assert not latency.enabled()  # the autouse fixture; a whole tiny search would spend seconds per trial on it
+
+
+@pytest.mark.parametrize("form", ["compact", "fast"])
+def test_export_records_each_layers_form_and_the_onnx_model_equals_the_factors(form: str, tmp_path: Path) -> None:
+    import json
+
+    import onnxruntime
+
+    from search.export import export_model, load_exported
+
+    dense, model = _tiny()
+    plan = {name: m.spec for name, m in model.named_modules() if isinstance(m, gkpd.KroneckerConv2d)}
+    summary = export_model(model, plan, tmp_path / "best", input_shape=(1, 12, 12), meta={}, form=form, dense=dense)
+    meta = json.loads((tmp_path / "best/plan.json").read_text())["meta"]
+    assert meta["form"] == form and set(meta["forms"]) == {"2", "4"}
+    if form == "compact":
+        assert set(meta["forms"].values()) == {"factorized"}
+    assert summary["ort_speedup_b1"] == summary["ort_dense_ms_b1"] / summary["ort_ms_b1"] > 0
+    # model.pt is the factors whatever the form; the ONNX graph computes the same function.
+    rebuilt = load_exported(dense, tmp_path / "best")
+    x = torch.randn(2, 1, 12, 12)
+    session = onnxruntime.InferenceSession(str(tmp_path / "best/model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), rebuilt(x),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown form 'small': allowed compact, fast"):
+        export_model(model, plan, tmp_path / "other", input_shape=(1, 12, 12), meta={}, form="small")
+
+
+def test_an_unknown_export_form_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from search.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--out", str(tmp_path), "--form", "small"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid choice: 'small'" in err and "compact" in err
+    assert not any(tmp_path.iterdir())  # nothing written
