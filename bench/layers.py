@@ -1,8 +1,15 @@
-"""Time Kronecker layers against the dense conv on the 3x3 conv shapes of a CIFAR ResNet-18 (32x32 input).
+"""Time every exact route of a Kronecker layer against the dense conv, on ResNet-18's 3x3 convs (CIFAR stem, 32x32).
 
-For each shape and a factorization at about 2x, 4x and 8x fewer MACs than dense, prints the time of the
-factorized, materialized and auto-chosen paths as a ratio to the dense conv (below 1: faster), for the
-forward at batch 1 and 64 and forward+backward at batch 64, all measured side by side in one run.
+Rows: the factor families the search uses, each at a MAC cut near 4x (and the SVD-like split also near 8x):
+``svd`` a = (F,1,1,1) (a conv C -> R, then R -> F), ``sep`` a = (F1,C1,3,1) ⊗ (F2,C2,1,3) (separable kernel),
+``square`` a = (F1,C1,1,1) ⊗ (F2,C2,3,3) with F1, C1 near sqrt. Columns: forward time at batch 64 and at batch 1,
+as ratios to the dense conv's, side by side in one run (interleaved, median):
+
+  fact    the factorized chain in the cheaper order by MACs (a plain-conv chain where no channel is folded)
+  mirror  the chain in the other order (nan where it costs over twice the MACs: not a contender)
+  mat     rebuild the dense weight on each call, then one conv (what training runs)
+  cached  the dense weight a layer keeps at inference, one conv
+  auto    what path="auto" picks (timed once per setting; factorized only when it beats dense-like by 5%)
 
     python bench/layers.py [--quick] [--threads 2]
 """
@@ -24,8 +31,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import gkpd.layers  # noqa: E402  (for the auto path's recorded choice)
-from gkpd import ConvGeometry, KroneckerConv2d, KroneckerSpec  # noqa: E402
+from gkpd import ConvGeometry, KroneckerConv2d, KroneckerSpec, factorized_conv2d, materialized_conv2d  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,6 @@ class ConvShape:
     in_hw: int
     stride: int = 1
 
-    def conv(self) -> nn.Conv2d:
-        return nn.Conv2d(self.cin, self.cout, 3, stride=self.stride, padding=1, bias=False)
-
     def geometry(self) -> ConvGeometry:
         return ConvGeometry((self.in_hw, self.in_hw), (self.stride, self.stride), pads=(1, 1, 1, 1))
 
@@ -52,61 +55,41 @@ SHAPES = [
     ConvShape("256->256 @8", 256, 256, 8),
     ConvShape("512->512 @4", 512, 512, 4),
 ]
-TARGETS = (2.0, 4.0, 8.0)  # dense MACs / factorized MACs
+ROUTES = ("fact", "mirror", "mat", "cached", "auto")
+MIRROR_LIMIT = 2.0  # the mirror order is timed only when it costs at most this many times the cheaper order's MACs
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _near_sqrt(n: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(math.log(d / math.sqrt(n))))
 
 
-def _moved(spec: KroneckerSpec, geometry: ConvGeometry) -> int:
-    """Elements per sample that the steps of the cheapest order write (each but the last keeps the rank axis)."""
-    steps = spec.steps(geometry, spec.cheaper_order(geometry))
-    sizes = [s[1] for s in spec.factor_shapes]
-    moved = 0
-    for i, step in enumerate(steps):
-        sizes[step["factor"]] = spec.factor_shapes[step["factor"]][0]
-        rank = 1 if i == len(steps) - 1 else spec.rank
-        moved += rank * math.prod(sizes) * math.prod(step["out_hw"])
-    return moved
-
-
-def pick_spec(shape: ConvShape, target: float) -> KroneckerSpec:
-    """The factorization whose MAC saving is closest to ``target``; among near ties, the one whose steps write least.
-
-    That is the factorized path's best case at that saving: at equal MACs, the time goes into writing the
-    intermediate maps, and the second step writes R times the layer's output before summing over R.
-    """
+def family_spec(shape: ConvShape, family: str, target: float) -> KroneckerSpec:
+    """The ``family`` split of ``shape``'s weight at the rank whose MAC cut is nearest ``target``."""
     weight_shape = (shape.cout, shape.cin, 3, 3)
+    f1, c1 = _near_sqrt(shape.cout), _near_sqrt(shape.cin)
+    a_shape = {"svd": (shape.cout, 1, 1, 1), "sep": (f1, c1, 3, 1), "square": (f1, c1, 1, 1)}[family]
+    one = KroneckerSpec(weight_shape, a_shape, 1)
     geometry = shape.geometry()
-    candidates = []
-    for f1 in _divisors(shape.cout):
-        for c1 in _divisors(shape.cin):
-            for kh1 in (1, 3):
-                for kw1 in (1, 3):
-                    one = KroneckerSpec(weight_shape, (f1, c1, kh1, kw1), 1)
-                    if min(f1, c1, *one.b_shape[:2]) < 2:  # a factor that mixes no channels copies filters
-                        continue
-                    # MACs are linear in the rank, so the rank for the target follows from the rank-1 cost.
-                    rank = min(one.max_rank, max(1, round(one.dense_macs(geometry) / (target * one.macs(geometry)))))
-                    spec = one.with_rank(rank)
-                    miss = abs(math.log(spec.dense_macs(geometry) / spec.macs(geometry) / target))
-                    candidates.append((round(miss, 2), _moved(spec, geometry), -spec.num_params, spec.a_shape, spec))
-    return min(candidates)[-1]
+    # MACs are linear in the rank, so the rank for the target follows from the rank-1 cost.
+    rank = min(one.max_rank, max(1, round(one.dense_macs(geometry) / (target * one.macs(geometry)))))
+    return one.with_rank(rank)
 
 
-def _seconds(fn: Callable[[], None], calls: int = 1) -> float:
+ROWS = [("svd", 4.0), ("svd", 8.0), ("sep", 4.0), ("square", 4.0)]
+
+
+def _seconds(fn: Callable[[], object], calls: int = 1) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
 
 
-def _median_times(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds per call of each function, interleaved so that drift hits all of them alike."""
     calls = {}
     for name, fn in fns.items():
-        fn()  # warm-up: allocation, kernel selection
+        fn()  # warm-up: allocation, kernel selection, auto's timing
         calls[name] = max(1, min(50, int(0.02 / _seconds(fn))))  # sub-millisecond calls are timed in a loop
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -115,51 +98,31 @@ def _median_times(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _forward(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        with torch.no_grad():
-            layer(x)
-    return run
-
-
-def _train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        for p in layer.parameters():
-            p.grad = None
-        x.grad = None
-        layer(x).backward(grad)
-    return run
-
-
-def _auto_choice(layer: KroneckerConv2d, run: Callable[[], None]) -> str:
-    """Run ``layer`` on "auto" once and return the path it settled on for that setting."""
-    before = dict(gkpd.layers._AUTO_CHOICE)
-    run()
-    new = [path for key, path in gkpd.layers._AUTO_CHOICE.items() if key not in before]
-    return (new[-1] if new else "?")[0].upper()  # F(actorized) or M(aterialized)
-
-
-def bench_row(shape: ConvShape, spec: KroneckerSpec, repeats: int) -> dict:
-    """Times of every path in every setting, as ratios to dense."""
+def bench_row(shape: ConvShape, spec: KroneckerSpec, batch: int, repeats: int) -> dict[str, float]:
+    """Forward time of dense and of every route at ``batch``, as ratios to dense (and dense in ms)."""
     torch.manual_seed(0)
-    conv = shape.conv()
-    layers: dict[str, nn.Module] = {"dense": conv}
-    for path in ("factorized", "materialized", "auto"):
-        layers[path] = KroneckerConv2d.from_conv(conv, spec, path=path)
-    row: dict = {"dense_ms": {}, "ratio": {}, "auto": {}}
-    for setting, batch in (("fwd b1", 1), ("fwd b64", 64), ("f+b b64", 64)):
-        x = torch.randn(batch, shape.cin, shape.in_hw, shape.in_hw)
-        if setting.startswith("f+b"):
-            x.requires_grad_(True)  # a hidden layer also passes the gradient on to its input
-            grad = torch.randn_like(conv(x)).detach()
-            fns = {name: _train_step(layer, x, grad) for name, layer in layers.items()}
-        else:
-            fns = {name: _forward(layer, x) for name, layer in layers.items()}
-        row["auto"][setting] = _auto_choice(layers["auto"], fns["auto"])
-        times = _median_times(fns, repeats)
-        row["dense_ms"][setting] = 1e3 * times["dense"]
-        row["ratio"][setting] = {p: times[p] / times["dense"] for p in ("factorized", "materialized", "auto")}
-    return row
+    conv = nn.Conv2d(shape.cin, shape.cout, 3, stride=shape.stride, padding=1, bias=False).eval()
+    cached = KroneckerConv2d.from_conv(conv, spec, path="materialized").eval()
+    auto = KroneckerConv2d.from_conv(conv, spec, path="auto").eval()
+    factors = cached.factors
+    geometry = shape.geometry()
+    order = spec.cheaper_order(geometry)
+    mirror = next(o for o in spec.orders() if o != order)
+    x = torch.randn(batch, shape.cin, shape.in_hw, shape.in_hw)
+    kw = dict(stride=conv.stride, pads=(1, 1, 1, 1))
+    fns: dict[str, Callable[[], object]] = {
+        "dense": lambda: conv(x),
+        "fact": lambda: factorized_conv2d(x, *factors, order=order, **kw),
+        "mirror": lambda: factorized_conv2d(x, *factors, order=mirror, **kw),
+        "mat": lambda: materialized_conv2d(x, *factors, **kw),
+        "cached": lambda: cached(x),
+        "auto": lambda: auto(x),
+    }
+    if spec.order_macs(geometry, mirror) > MIRROR_LIMIT * spec.macs(geometry):
+        del fns["mirror"]  # e.g. the SVD-like split with A first: 64x the MACs and a map of gigabytes
+    with torch.inference_mode():
+        times = median_times(fns, repeats)
+    return {"dense_ms": 1e3 * times["dense"], **{r: times.get(r, math.nan) / times["dense"] for r in ROUTES}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,32 +130,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
-    settings = ("fwd b1", "fwd b64", "f+b b64")
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {repeats}; times are ratios to dense "
-          f"(below 1: faster); auto's pick in brackets (F factorized, M materialized). MACs as fvcore counts them.")
-    header = f"{'shape':<15} {'A ⊗ B, rank':<22} {'MACs ÷':>6}"
-    for setting in settings:
-        header += f" | {setting + ': fact  mat   auto':<26}"
-    header += " | dense ms: b1 / b64 / f+b64"
+    batches = (64, 1)
+    print(f"torch {torch.__version__}, {args.threads} threads, forward, median of {repeats} interleaved; times are "
+          f"ratios to the dense conv (below 1: faster). MACs as fvcore counts them.")
+    header = f"{'shape':<15} {'family':<7} {'A ⊗ B, rank':<24} {'MACs ÷':>6}"
+    for batch in batches:
+        header += f" | b{batch}: " + " ".join(f"{r:>6}" for r in ROUTES) + "   best"
+    header += " | dense ms b64 / b1"
     print(header)
     print("-" * len(header))
     start, load = time.perf_counter(), os.getloadavg()
+    summary = {b: {"rows": 0, "auto_ok": 0, "cut4": 0, "best_06": 0} for b in batches}
     for shape in SHAPES:
-        for target in TARGETS:
-            spec = pick_spec(shape, target)
+        for family, target in ROWS:
+            spec = family_spec(shape, family, target)
             geometry = shape.geometry()
             saving = spec.dense_macs(geometry) / spec.macs(geometry)
-            row = bench_row(shape, spec, repeats)
-            line = f"{shape.name:<15} {str(spec):<22} {saving:>6.2f}"
-            for setting in settings:
-                r = row["ratio"][setting]
-                line += (f" | {'':<7}{r['factorized']:5.2f} {r['materialized']:5.2f} "
-                         f"{r['auto']:5.2f}[{row['auto'][setting]}]")
-            dense = row["dense_ms"]
-            line += f" | {dense['fwd b1']:6.2f} / {dense['fwd b64']:6.1f} / {dense['f+b b64']:6.1f}"
+            line = f"{shape.name:<15} {family:<7} {str(spec):<24} {saving:>6.2f}"
+            dense_ms = []
+            for batch in batches:
+                row = bench_row(shape, spec, batch, repeats)
+                best = min((r for r in ROUTES if not math.isnan(row[r])), key=row.__getitem__)
+                line += " | " + " " * len(f"b{batch}: ") + " ".join(f"{row[r]:6.2f}" for r in ROUTES)
+                line += f" {best:>6}"
+                dense_ms.append(row["dense_ms"])
+                s = summary[batch]
+                s["rows"] += 1
+                s["auto_ok"] += row["auto"] <= 1.05
+                if saving >= 4:
+                    s["cut4"] += 1
+                    s["best_06"] += row[best] <= 0.6
+            line += f" | {dense_ms[0]:7.2f} / {dense_ms[1]:5.2f}"
             print(line, flush=True)
+    for batch, s in summary.items():
+        print(f"batch {batch}: auto within 1.05x of dense on {s['auto_ok']}/{s['rows']} rows; best route at most "
+              f"0.6x dense on {s['best_06']}/{s['cut4']} rows with a MAC cut of 4x or more")
     # Other processes on the same cores skew every ratio; the load average says whether there were any.
     print(f"total {time.perf_counter() - start:.0f} s; load average at start {load[0]:.1f}, "
           f"at end {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
