@@ -27,7 +27,7 @@ from search.export import export_model
 from search.files import atomic_text, create_text
 from search.models import create_model
 from search.progress import Eta, log
-from search.report import best_row, format_table, write_report
+from search.report import LATENCY_SHOWN, best_row, format_table, write_report
 from search.sensitivity import study_table_key
 from search.storage import open_storage, redact, sqlite_path, without_password
 from search.study import (
@@ -316,8 +316,13 @@ def print_summary(info: dict[str, Any], pareto: pd.DataFrame, out: Path, *, expo
     if pareto.empty:
         print("no completed in-budget trial yet")
     else:
+        measured = "ms_b1" in pareto and pareto.ms_b1.notna().any()
         print(format_table(pareto, ["trial", "seed", "fidelity", "val_accuracy", "test_accuracy", "mflops",
-                                    "gflops_torch", "mparams", "flops_ratio", "params_ratio"]))
+                                    "gflops_torch", "mparams", "flops_ratio", "params_ratio",
+                                    *(LATENCY_SHOWN if measured else [])]))
+        if measured:
+            print("latency: ms_b1 = torch at batch 1 on the run's device, speedup_* = dense ms / model ms (torch at "
+                  "batch 1 and at --batch-size), ort_* = onnxruntime CPU at batch 1, fast form; medians of 5")
     files = "trials.csv, pareto.csv, pareto.png, report.md" + (", best/" if exported else "")
     print(f"\nrun directory: {out}  ({files})")
 
