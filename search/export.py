@@ -70,7 +70,7 @@ def export_model(
             if not onnx_diff <= ONNX_RTOL * max(1.0, scale):
                 raise RuntimeError(f"onnxruntime disagrees with PyTorch (max |diff| {onnx_diff:.3g} at logits up "
                                    f"to {scale:.3g}; allowed {ONNX_RTOL:g} of that)")
-            summary.update(onnx_max_abs_diff=onnx_diff, files=[*summary["files"], "model.onnx"])
+            summary.update(onnx_max_abs_diff=onnx_diff, onnx_max_abs_logit=scale, files=[*summary["files"], "model.onnx"])
         except Exception as err:  # the exporter and onnxruntime raise many types; the other files stand
             (tmp / "model.onnx").unlink(missing_ok=True)
             summary["onnx_error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

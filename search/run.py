@@ -358,7 +358,8 @@ def do_export(study: optuna.Study, info: dict[str, Any], out: Path, number: int)
         raise SearchFailed(f"export: trial {number}: ONNX failed ({summary['onnx_error']}); "
                            f"{out / 'best'} holds plan.json and model.pt")
     log(f"export: trial {number} -> {out / 'best'} (plan.json, model.pt, model.onnx; "
-        f"onnxruntime max |diff| {summary['onnx_max_abs_diff']:.2e})")
+        f"onnxruntime max |diff| {summary['onnx_max_abs_diff']:.2e} at logits up to "
+        f"{summary['onnx_max_abs_logit']:.3g})")
 
 
 # -- report and export of an existing run ------------------------------------------------------------------------
