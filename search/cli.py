@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
     what.add_argument("--data-dir", type=Path, help="where datasets are (default $GKPD_DATA_DIR or ~/.cache/gkpd-search/data)")
     what.add_argument("--val-images", type=int, help="validation images held out of the training images "
-                      "(default: 10%% of them, at most 5000)")
+                      "(None: 10%% of them, at most 5000)")
     what.add_argument("--image-size", type=int, help="imagefolder only: images are resized and center-cropped "
-                      "to this many pixels (default 64)")
+                      "to this many pixels (None: 64)")
     what.add_argument("--max-train-images", type=int, help="use at most this many training images")
     what.add_argument("--max-eval-images", type=int, default=d.max_eval_images,
                       help="validation and test images used per evaluation")
