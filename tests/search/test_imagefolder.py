@@ -66,9 +66,9 @@ SEARCHED = ("features.17.", "features.18.", "classifier.")  # the rest is --skip
 
 
 @pytest.fixture(scope="module")
-def mobilenet_run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+def mobilenet_run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One whole search of torchvision's mobilenet_v2 on the folder, its last two blocks and classifier searched:
-    (run directory, teacher cache, stderr)."""
+    its run directory."""
     out, cache = tmp_path_factory.mktemp("run") / "run", tmp_path_factory.mktemp("cache")
     modules = create_model("mobilenet_v2", in_channels=3, num_classes=CLASSES).named_modules()
     skip = [name for name, m in modules if (isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.groups == 1)
@@ -79,7 +79,7 @@ def mobilenet_run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
                            "--out", str(out), "--skip", *skip],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return out, cache, done.stderr
+    return out
 
 
 def test_the_folder_loads_with_a_tenth_held_out_and_labels_in_class_order(folder: Path) -> None:
@@ -184,7 +184,7 @@ def test_pretrained_weights_initialize_all_but_the_new_head(monkeypatch: pytest.
 
 
 def test_the_search_exports_mobilenet_v2_with_pointwise_layers_factorized(mobilenet_run) -> None:
-    out, _, _ = mobilenet_run
+    out = mobilenet_run
     export = json.loads((out / "best" / "export.json").read_text())
     assert export["files"] == ["plan.json", "model.pt", "model.onnx"] and export["mparams"] <= 1.8
     plan = json.loads((out / "best" / "plan.json").read_text())["layers"]
@@ -198,7 +198,7 @@ def test_the_search_exports_mobilenet_v2_with_pointwise_layers_factorized(mobile
 
 def test_teacher_checkpoints_load_as_a_state_dict_or_under_state_dict_or_model(mobilenet_run, folder: Path,
                                                                                tmp_path: Path, capsys) -> None:
-    out, _, _ = mobilenet_run
+    out = mobilenet_run
     run = optuna.load_study(study_name=json.loads((out / "run.json").read_text())["study_name"],
                             storage=f"sqlite:///{out / 'study.db'}").user_attrs["run"]
     state = torch.load(run["teacher_source"], weights_only=True)
@@ -227,7 +227,7 @@ def _get(app, path: str) -> dict:
 
 def test_optuna_dashboard_shows_each_trials_seed_plan_accuracies_and_cost(mobilenet_run) -> None:
     optuna_dashboard = pytest.importorskip("optuna_dashboard", reason="pip install 'gkpd-search[dashboard]'")
-    out, _, _ = mobilenet_run
+    out = mobilenet_run
     app = optuna_dashboard.wsgi(f"sqlite:///{out / 'study.db'}")  # what `optuna-dashboard URL` serves
     app.catchall = False
     [summary] = _get(app, "/api/studies")["study_summaries"]
