@@ -63,11 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget-mparams", type=float, help="parameters, in millions")
     what = p.add_argument_group("model and data")
     what.add_argument("--model", default=d.model,
-                      help=f"one of {', '.join(MODELS)}, a torchvision model name, or pkg.module:factory")
-    what.add_argument("--teacher", type=Path, help="trained weights for --model (a state_dict); "
-                      "without it a teacher is trained once and cached")
+                      help=f"one of {', '.join(MODELS)}, a torchvision model name, or pkg.module:factory (any "
+                           "signature: the first conv and the classifier are replaced when it takes no "
+                           "in_channels/num_classes)")
+    what.add_argument("--weights", help="torchvision's pretrained weights to train a new teacher from "
+                      "(e.g. DEFAULT, IMAGENET1K_V1; the classifier is new)")
+    what.add_argument("--teacher", type=Path, help="trained weights for --model (a state_dict, or a checkpoint "
+                      "with one under 'state_dict' or 'model'); without it a teacher is trained once and cached")
     what.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
     what.add_argument("--data-dir", type=Path, help="where datasets are (default $GKPD_DATA_DIR or ~/.cache/gkpd-search/data)")
+    what.add_argument("--val-images", type=int, help="validation images held out of the training images "
+                      "(None: 10%% of them, at most 5000)")
+    what.add_argument("--image-size", type=int, help="imagefolder only: images are resized and center-cropped "
+                      "to this many pixels (None: 64)")
     what.add_argument("--max-train-images", type=int, help="use at most this many training images")
     what.add_argument("--max-eval-images", type=int, default=d.max_eval_images,
                       help="validation and test images used per evaluation")
@@ -146,7 +154,7 @@ def _study_value(action: argparse.Action, value: Any, source: Path) -> Any:
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(
         budget_mflops=args.budget_mflops, budget_mparams=args.budget_mparams, model=args.model,
-        teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir, trials=args.trials,
+        weights=args.weights, val_images=args.val_images, image_size=args.image_size, teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir, trials=args.trials,
         timeout=args.timeout, finetune_steps=args.finetune_steps, teacher_steps=args.teacher_steps,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images, batch_size=args.batch_size,
         sampler=args.sampler, study_name=args.study_name or "", storage=args.storage, out=args.out or Path(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,12 @@ SAMPLERS = ("tpe", "nsga2", "random")
 BACKENDS = ("optuna", "ray")
 
 
-def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None) -> str:
+def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None, *,
+                       data: str = "") -> str:
+    """<model>-<dataset>[-<data>]-<budget>; ``data`` tells apart two image folders (their name and fingerprint)."""
     parts = [model.replace(":", "-").replace(".", "-"), dataset]
+    if data:
+        parts.append(data)
     if budget_mflops is not None:
         parts.append(f"{budget_mflops:g}mflops")
     if budget_mparams is not None:
@@ -47,7 +52,10 @@ class SearchConfig:
     teacher_steps: int = 600
     max_train_images: int | None = None
     max_eval_images: int | None = 2000
-    val_images: int = 5000
+    val_images: int | None = None  # None: 10% of the training images, at most 5,000 (search.data)
+    image_size: int | None = None  # imagefolder only; None there: 64
+    weights: str | None = None  # torchvision's pretrained weights for a new teacher (e.g. DEFAULT)
+    data_fingerprint: str = ""  # derived: search.data.dataset_fingerprint (imagefolder's files)
     batch_size: int = 32
     sampler: str = "tpe"
     study_name: str = ""
@@ -71,10 +79,10 @@ class SearchConfig:
             raise ValueError("give a budget: --budget-mflops X (millions of MACs) and/or --budget-mparams Y")
         _positive("budget-mflops", self.budget_mflops)
         _positive("budget-mparams", self.budget_mparams)
-        for name in ("trials", "finetune_steps", "teacher_steps", "batch_size", "val_images", "workers"):
+        for name in ("trials", "finetune_steps", "teacher_steps", "batch_size", "val_images", "image_size", "workers"):
             value = getattr(self, name)
-            if name in ("finetune_steps",) and value == 0:
-                continue  # 0 fine-tune steps: evaluate right after decomposition
+            if value is None or (name in ("finetune_steps",) and value == 0):
+                continue  # None: derived from the data; 0 fine-tune steps: evaluate right after decomposition
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not 0 <= self.long_finetunes <= self.trials:
@@ -89,10 +97,27 @@ class SearchConfig:
             raise ValueError(f"unknown --device {self.device!r}: allowed auto, cpu, cuda (or cuda:N)")
         if not 0 <= self.prune_margin <= 1:
             raise ValueError(f"--prune-margin must be in [0, 1], got {self.prune_margin:g}")
+        if self.weights is not None and self.teacher is not None:
+            raise ValueError(f"--weights {self.weights} starts a new teacher from torchvision's pretrained weights, "
+                             f"--teacher {self.teacher} is a trained one: give one of them")
+        if self.dataset == "imagefolder":
+            if self.image_size is None:
+                from search.data import IMAGE_SIZE
+                object.__setattr__(self, "image_size", IMAGE_SIZE)
+            if not self.data_fingerprint:
+                from search.data import dataset_fingerprint  # a stat per file: before any data is decoded
+                object.__setattr__(self, "data_fingerprint", dataset_fingerprint(self.dataset, self.data_dir))
+        elif self.image_size is not None:
+            raise ValueError(f"--image-size applies to --dataset imagefolder only, not {self.dataset}")
         if not self.study_name:
+            data = ""
+            if self.data_fingerprint:
+                from search.data import default_data_dir
+                folder = (self.data_dir or default_data_dir()).expanduser().resolve().name
+                data = f"{re.sub(r'[^A-Za-z0-9._]+', '_', folder)}-{self.data_fingerprint[:8]}".lstrip("-_")
             object.__setattr__(
                 self, "study_name",
-                default_study_name(self.model, self.dataset, self.budget_mflops, self.budget_mparams),
+                default_study_name(self.model, self.dataset, self.budget_mflops, self.budget_mparams, data=data),
             )
         if self.out == Path():
             object.__setattr__(self, "out", Path("runs") / self.study_name)
@@ -119,14 +144,21 @@ class SearchConfig:
     def identity(self) -> dict[str, Any]:
         """The settings a resumed or joined study must share with the run that created it: what defines the
         space (model, dataset, budget, preset, skip list) and how a trial is evaluated (data split, fine-tune
-        length, batch size, seed). The teacher and the space themselves are added by ``search.study``."""
+        length, batch size, seed, which images). The teacher and the space themselves are added by ``search.study``."""
         return {
             "model": self.model, "dataset": self.dataset, "budget_mflops": self.budget_mflops,
             "budget_mparams": self.budget_mparams, "preset": self.preset, "skip": list(self.skip),
             "finetune_steps": self.finetune_steps, "batch_size": self.batch_size, "seed": self.seed,
             "max_train_images": self.max_train_images, "max_eval_images": self.max_eval_images,
-            "val_images": self.val_images,
+            **self._data_identity(),
         }
+
+    def _data_identity(self) -> dict[str, Any]:
+        """The data's settings beyond its name; keys that older studies lack are only there when set, and
+        ``val_images`` once known (``search.run.Prepared`` fills in the default from the data's size)."""
+        keys = {"val_images": self.val_images, "weights": self.weights, "data_fingerprint": self.data_fingerprint,
+                "image_size": self.image_size}
+        return {key: value for key, value in keys.items() if value}
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)

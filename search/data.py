@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,7 +15,11 @@ import torchvision
 
 from search.files import atomic_write
 
-__all__ = ["DATASETS", "DatasetInfo", "DataSplits", "load_data", "split_indices", "default_data_dir"]
+__all__ = ["DATASETS", "DatasetInfo", "DataSplits", "load_data", "split_indices", "default_data_dir",
+           "default_val_images", "dataset_fingerprint", "IMAGE_SIZE"]
+
+IMAGE_SIZE = 64  # imagefolder's default --image-size
+MAX_VAL_IMAGES = 5000
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,24 @@ class DataSplits:
     num_classes: int
     input_shape: tuple[int, int, int]
     name: str
+    val_images: int  # held out from train (val_x holds at most max_eval_images of them)
 
 
 def default_data_dir() -> Path:
     """$GKPD_DATA_DIR, else ~/.cache/gkpd-search/data."""
     env = os.environ.get("GKPD_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gkpd-search" / "data"
+
+
+def default_val_images(train_images: int) -> int:
+    """Validation images held out of ``train_images`` when ``--val-images`` is not given: 10%, at most 5,000."""
+    return max(1, min(MAX_VAL_IMAGES, train_images // 10))
+
+
+def _check_val_images(val_images: int, train_images: int, where: Path | str) -> None:
+    if not 1 <= val_images < train_images:
+        raise ValueError(f"--val-images {val_images} is out of range for the {train_images} training images in "
+                         f"{where}: allowed 1 to {train_images - 1} (default 10%, at most {MAX_VAL_IMAGES})")
 
 
 def split_indices(n: int, *, val_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,11 +158,52 @@ def _load_torchvision(name: str, root: Path, *, download: bool) -> tuple[torch.T
 
 
 def _image_folder(root: Path, split: str) -> torchvision.datasets.ImageFolder:
-    """The ImageFolder tree root/split, or a one-line FileNotFoundError."""
+    """The ImageFolder tree root/split with at least two classes and an image in each, or a one-line error."""
     try:
-        return torchvision.datasets.ImageFolder(str(root / split))
-    except (FileNotFoundError, NotADirectoryError) as exc:  # missing tree, or no class folders / images in it
+        # allow_empty: an empty class is named by our message, not torchvision's list of extensions.
+        ds = torchvision.datasets.ImageFolder(str(root / split), allow_empty=True)
+    except (FileNotFoundError, NotADirectoryError) as exc:  # missing tree, or no class folders in it
         raise _missing("imagefolder", root / split, exc) from exc
+    if len(ds.classes) < 2:
+        raise ValueError(f"imagefolder {root / split} has {len(ds.classes)} class folder"
+                         f"{'' if len(ds.classes) == 1 else 's'} ({', '.join(ds.classes) or 'none'}); "
+                         "a classifier needs at least 2")
+    counts = torch.bincount(torch.tensor(ds.targets, dtype=torch.int64), minlength=len(ds.classes))
+    empty = [name for name, count in zip(ds.classes, counts.tolist()) if count == 0]
+    if empty:
+        raise ValueError(f"imagefolder {root / split}: class folder{'s' if len(empty) > 1 else ''} "
+                         f"{', '.join(empty)} hold{'' if len(empty) > 1 else 's'} no images")
+    return ds
+
+
+def _same_classes(root: Path, train: list[str], val: list[str]) -> None:
+    """``ValueError`` naming the difference: labels are class indices in sorted order, so one missing class
+    would silently shift every label after it."""
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    if only_train or only_val:
+        parts = [f"only in train/: {', '.join(only_train)}" if only_train else "",
+                 f"only in val/: {', '.join(only_val)}" if only_val else ""]
+        raise ValueError(f"imagefolder {root}: train/ and val/ must have the same class folders; "
+                         + "; ".join(part for part in parts if part))
+
+
+def dataset_fingerprint(name: str, data_dir: str | Path | None) -> str:
+    """What identifies the data beyond its name: for "imagefolder", sha256 (12 hex digits) of the sorted relative
+    paths and sizes of every file under ``data_dir/train`` and ``data_dir/val`` (a stat per file, no reads);
+    "" for the torchvision datasets, which are the same official files wherever they lie."""
+    if name != "imagefolder":
+        return ""
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise _missing("imagefolder", root / split, None)
+        for folder, dirs, files in os.walk(root / split, followlinks=True):
+            dirs.sort()
+            for file in sorted(files):
+                path = Path(folder, file)
+                digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def _decode(ds: torchvision.datasets.ImageFolder, indices: torch.Tensor, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,17 +231,18 @@ def load_data(
     name: str,
     *,
     data_dir: str | Path | None,
-    val_images: int = 5000,
+    val_images: int | None = None,
     seed: int = 0,
     max_train_images: int | None = None,
     max_eval_images: int | None = None,
     download: bool = True,
-    image_size: int = 64,
+    image_size: int | None = None,
 ) -> DataSplits:
     """Load a dataset as tensors; val is held out from train by a seeded permutation, test is the official one.
 
-    `max_train_images` caps train; `max_eval_images` caps val and test (first N after a fixed shuffle).
-    `image_size` only applies to "imagefolder" (`data_dir/train`, `data_dir/val`), which is resized to
+    `val_images` (default `default_val_images`) are held out of the training images; `max_train_images` caps
+    train; `max_eval_images` caps val and test (first N after a fixed shuffle). `image_size` (default 64) only
+    applies to "imagefolder" (`data_dir/train`, `data_dir/val`, the same class folders), which is resized to
     image_size and center-cropped so that it can be preloaded.
     """
     if name not in DATASETS:
@@ -191,6 +250,11 @@ def load_data(
     for option, value in (("max_train_images", max_train_images), ("max_eval_images", max_eval_images)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
+    if image_size is not None and name != "imagefolder":
+        raise ValueError(f"--image-size applies to --dataset imagefolder only; {name} images are "
+                         f"{'x'.join(map(str, DATASETS[name].input_shape[1:]))} px as they are")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be at least 1, got {image_size}")
     info = DATASETS[name]
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     gen = torch.Generator().manual_seed(seed)
@@ -198,6 +262,10 @@ def load_data(
     if name == "imagefolder":
         # Decode only the images we keep: a full ImageNet tree would not fit in memory as floats.
         train_ds, test_ds = _image_folder(root, "train"), _image_folder(root, "val")
+        _same_classes(root, train_ds.classes, test_ds.classes)
+        image_size = image_size or IMAGE_SIZE
+        val_images = default_val_images(len(train_ds)) if val_images is None else val_images
+        _check_val_images(val_images, len(train_ds), root / "train")
         train_idx, val_idx = split_indices(len(train_ds), val_images=val_images, seed=seed)
         test_idx = torch.randperm(len(test_ds), generator=gen)[:max_eval_images]
         train_x, train_y = _decode(train_ds, train_idx[:max_train_images], image_size=image_size)
@@ -206,6 +274,8 @@ def load_data(
         num_classes, input_shape = len(train_ds.classes), (3, image_size, image_size)
     else:
         all_x, all_y, test_x, test_y = _load_torchvision(name, root, download=download)
+        val_images = default_val_images(len(all_x)) if val_images is None else val_images
+        _check_val_images(val_images, len(all_x), f"{name}'s training split")
         train_idx, val_idx = split_indices(len(all_x), val_images=val_images, seed=seed)
         train_idx, val_idx = train_idx[:max_train_images], val_idx[:max_eval_images]
         train_x, train_y, val_x, val_y = all_x[train_idx], all_y[train_idx], all_x[val_idx], all_y[val_idx]
@@ -219,5 +289,5 @@ def load_data(
         train_x=_normalize(train_x, info), train_y=train_y,
         val_x=_normalize(val_x, info), val_y=val_y,
         test_x=_normalize(test_x, info), test_y=test_y,
-        num_classes=num_classes, input_shape=input_shape, name=name,
+        num_classes=num_classes, input_shape=input_shape, name=name, val_images=val_images,
     )

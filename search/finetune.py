@@ -92,6 +92,7 @@ def finetune_run(out: Path, *, trial: int | None = None, steps: int = DEFAULT_ST
 
     data = load_data(info["dataset"], data_dir=data_dir or info.get("data_dir"),
                      val_images=identity.get("val_images", 5000), seed=identity.get("seed", 0),
+                     image_size=identity.get("image_size"),
                      max_train_images=identity.get("max_train_images"),
                      max_eval_images=identity.get("max_eval_images"), download=os.environ.get("GKPD_OFFLINE") != "1")
     shape = tuple(info["input_shape"])

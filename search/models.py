@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-__all__ = ["MODELS", "create_model", "load_checkpoint", "CifarResNet"]
+__all__ = ["MODELS", "create_model", "load_checkpoint", "CifarResNet", "weights_names", "check_weights",
+           "check_input_shape"]
 
 
 class BasicBlock(nn.Module):
@@ -126,7 +127,23 @@ def resnet18(in_channels: int, num_classes: int) -> nn.Module:
     return model
 
 
+# torchvision's MobileNetV2 with the strides of its first conv and second stage set to 1: 32 px images end on a
+# 4x4 map (total stride 8) as in the CIFAR versions of the paper's family, instead of 1x1 (total stride 32).
+MOBILENET_V2_CIFAR_SETTING = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
+                              [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+def mobilenet_v2_cifar(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision MobileNetV2 for 32x32-ish inputs: stride-1 stem and second stage (total stride 8)."""
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes,
+                                            inverted_residual_setting=MOBILENET_V2_CIFAR_SETTING)
+    model.features[0][0].stride = (1, 1)
+    _set_first_conv_in_channels(model, in_channels)
+    return model
+
+
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "mobilenet_v2_cifar": mobilenet_v2_cifar,
     "resnet18": resnet18,
     "resnet20": resnet20,
     "resnet32": resnet32,
@@ -142,8 +159,10 @@ def _unknown(name: str) -> ValueError:
     )
 
 
-def _set_first_conv_in_channels(model: nn.Module, in_channels: int) -> None:
-    """Replace the first nn.Conv2d by a fresh one reading `in_channels` channels."""
+def _set_first_conv_in_channels(model: nn.Module, in_channels: int, *, pretrained: bool = False) -> None:
+    """Replace the first nn.Conv2d by one reading `in_channels` channels: fresh, or with ``pretrained`` the old
+    kernel summed over its input channels (one channel) or cycled over them (more), as timm's
+    ``adapt_input_conv`` does, so a grey image gives the RGB conv's response to the same grey."""
     for name, conv in model.named_modules():
         if isinstance(conv, nn.Conv2d):
             if conv.in_channels == in_channels:
@@ -154,6 +173,16 @@ def _set_first_conv_in_channels(model: nn.Module, in_channels: int) -> None:
                 in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
             )
+            if pretrained:
+                with torch.no_grad():
+                    old = conv.weight
+                    if in_channels == 1:
+                        new.weight.copy_(old.sum(1, keepdim=True))
+                    else:
+                        repeats = -(-in_channels // old.shape[1])
+                        new.weight.copy_(old.repeat(1, repeats, 1, 1)[:, :in_channels] * (old.shape[1] / in_channels))
+                    if conv.bias is not None:
+                        new.bias.copy_(conv.bias)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, new)
             return
@@ -176,10 +205,11 @@ def _set_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def _from_factory(spec: str, *, in_channels: int, num_classes: int) -> nn.Module:
+def _from_factory(spec: str, *, in_channels: int, num_classes: int, weights: str | None = None) -> nn.Module:
     """Call a user factory with whichever of ``in_channels``/``num_classes`` it names; apply the others afterwards
     by replacing the first conv and the last linear layer (a factory with ``**kwargs``, as torchvision's, gets
-    ``num_classes`` only: its kwargs go to the model's constructor)."""
+    ``num_classes`` only: its kwargs go to the model's constructor). ``weights`` goes to a factory that takes
+    ``weights`` (torchvision's); the classifier is then replaced, as pretrained heads have their own classes."""
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -190,10 +220,14 @@ def _from_factory(spec: str, *, in_channels: int, num_classes: int) -> nn.Module
     except (TypeError, ValueError):  # builtins and some C types have no signature
         params = {}
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {}
+    kwargs: dict[str, object] = {}
     if "in_channels" in params:
         kwargs["in_channels"] = in_channels
-    if "num_classes" in params or takes_kwargs:
+    if weights is not None:
+        if "weights" not in params:
+            raise ValueError(f"--weights {weights}: model factory {spec!r} takes no 'weights' argument")
+        kwargs["weights"] = weights
+    elif "num_classes" in params or takes_kwargs:
         kwargs["num_classes"] = num_classes
     try:
         model = factory(**kwargs)
@@ -202,18 +236,71 @@ def _from_factory(spec: str, *, in_channels: int, num_classes: int) -> nn.Module
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     if "in_channels" not in kwargs and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        _set_first_conv_in_channels(model, in_channels)
+        _set_first_conv_in_channels(model, in_channels, pretrained=weights is not None)
     if "num_classes" not in kwargs:
         model = _set_classifier(model, num_classes)
     return model
 
 
-def create_model(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
-    """Build a model by registry name, torchvision name, or 'pkg.module:factory'."""
+def weights_names(model: str) -> list[str]:
+    """The pretrained weights torchvision has for ``model`` (e.g. DEFAULT, IMAGENET1K_V1); [] for none."""
+    if model not in torchvision.models.list_models(module=torchvision.models):
+        return []
+    return ["DEFAULT", *(w.name for w in torchvision.models.get_model_weights(model))]
+
+
+def check_weights(model: str, weights: str) -> None:
+    """``ValueError`` unless ``weights`` names pretrained weights torchvision has for ``model`` (nothing downloads)."""
+    if model in MODELS:
+        raise ValueError(f"--weights {weights}: {model!r} is one of ours and has no pretrained weights; "
+                         "use a torchvision model name (e.g. mobilenet_v2) or train a teacher")
+    if ":" in model:
+        return  # a factory's own weights argument: the factory says what it accepts
+    allowed = weights_names(model)
+    if not allowed:
+        raise _unknown(model)
+    if weights not in allowed:
+        raise ValueError(f"unknown --weights {weights!r} for {model}; allowed: {', '.join(allowed)}")
+
+
+def check_input_shape(model: nn.Module, name: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """``ValueError`` unless ``model`` maps a batch of ``input_shape`` images to ``num_classes`` logits
+    (e.g. vit_b_16 asserts 224 px inputs; a net whose strides shrink the map below 1x1 raises)."""
+    shape = "x".join(map(str, input_shape))
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *input_shape))
+    except Exception as exc:  # any layer may refuse the shape, with any exception type (AssertionError too)
+        raise ValueError(f"--model {name} cannot take {shape} inputs ({_first_line(exc)}); "
+                         "with --dataset imagefolder choose another --image-size") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"--model {name} maps 2 images of {shape} to {got}, not [2, {num_classes}] logits")
+
+
+def _pretrained(name: str, weights: str) -> nn.Module:
+    """torchvision model ``name`` with its pretrained ``weights`` (downloaded once into torch's hub cache)."""
+    check_weights(name, weights)
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as exc:  # URLError (offline), a damaged file in the hub cache
+        raise ValueError(f"--weights {weights}: cannot get torchvision's {name} weights ({_first_line(exc)}); "
+                         "on an offline machine copy the file into $TORCH_HOME/hub/checkpoints") from exc
+
+
+def create_model(name: str, *, in_channels: int, num_classes: int, weights: str | None = None) -> nn.Module:
+    """Build a model by registry name, torchvision name, or 'pkg.module:factory'; ``weights``: torchvision's
+    pretrained weights by name (``DEFAULT``, ``IMAGENET1K_V1``, ...), with a new classifier for ``num_classes``."""
     if name in MODELS:
+        if weights is not None:
+            check_weights(name, weights)
         return MODELS[name](in_channels, num_classes)
     if ":" in name:
-        return _from_factory(name, in_channels=in_channels, num_classes=num_classes)
+        return _from_factory(name, in_channels=in_channels, num_classes=num_classes, weights=weights)
+    if weights is not None:
+        model = _pretrained(name, weights)
+        _set_first_conv_in_channels(model, in_channels, pretrained=True)
+        return _set_classifier(model, num_classes)
     if name in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         _set_first_conv_in_channels(model, in_channels)

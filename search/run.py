@@ -7,6 +7,7 @@ checked against the study before any trial fine-tunes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from search.data import load_data
 from search import latency
 from search.export import export_model
 from search.files import atomic_text, create_text
-from search.models import create_model
+from search.models import check_input_shape, check_weights, create_model
 from search.progress import Eta, log
 from search.report import LATENCY_SHOWN, best_row, format_table, write_report
 from search.sensitivity import study_table_key
@@ -169,15 +170,21 @@ class Prepared:
             check_identity(config.identity(), found, config.study_name)
         # 2. Data and model: unknown names and missing files fail here, in seconds.
         self.device = resolve_device(config.device)
+        if config.weights is not None:
+            check_weights(config.model, config.weights)
         self.data = load_data(config.dataset, data_dir=config.data_dir, val_images=config.val_images,
                               seed=config.seed, max_train_images=config.max_train_images,
-                              max_eval_images=config.max_eval_images,
+                              max_eval_images=config.max_eval_images, image_size=config.image_size,
                               download=os.environ.get("GKPD_OFFLINE") != "1")
+        if config.val_images is None:  # the default depends on the data's size: now known, and part of the identity
+            config = self.config = dataclasses.replace(config, val_images=self.data.val_images)
+            check_identity(config.identity(), found, config.study_name)
         if config.batch_size > len(self.data.train_x):
             raise ValueError(f"--batch-size {config.batch_size} is more than the {len(self.data.train_x)} training "
                              "images (see --max-train-images)")
         shape, classes = self.data.input_shape, self.data.num_classes
         model = create_model(config.model, in_channels=shape[0], num_classes=classes)
+        check_input_shape(model, config.model, shape, classes)
         # 3. The teacher, if it exists without training, is checked against the study; otherwise the budget is
         #    checked on the untrained model (costs do not depend on the weights) before the teacher trains.
         source = find_teacher(config)
@@ -222,6 +229,7 @@ def _run_info(config: SearchConfig, prepared: Prepared, teacher: dict[str, float
         "objective": config.objective, "budget": config.budget, "teacher": teacher,
         "teacher_source": str(Path(prepared.teacher_source).resolve()), "preset": config.preset,
         "skip": list(config.skip), "data_dir": str(config.data_dir.resolve()) if config.data_dir else None,
+        "weights": config.weights, "data_fingerprint": config.data_fingerprint,
     }
 
 
@@ -361,7 +369,8 @@ def do_export(study: optuna.Study, info: dict[str, Any], out: Path, number: int,
     folded = sum(f == "dense" for f in summary["forms"].values())
     log(f"export: trial {number} -> {out / 'best'} (plan.json, model.pt, model.onnx; form {form}: "
         f"{len(summary['forms']) - folded} Kronecker layers factorized, {folded} folded into dense convs; "
-        f"onnxruntime max |diff| {summary['onnx_max_abs_diff']:.2e})")
+        f"onnxruntime max |diff| {summary['onnx_max_abs_diff']:.2e} at logits up to "
+        f"{summary['onnx_max_abs_logit']:.3g})")
     log(f"export: onnxruntime CPU, batch 1, {torch.get_num_threads()} threads, median of {latency.REPEATS}: "
         f"model.onnx {summary['ort_ms_b1']:.2f} ms, dense model {summary['ort_dense_ms_b1']:.2f} ms "
         f"({summary['ort_speedup_b1']:.2f}x)")

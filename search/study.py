@@ -32,7 +32,7 @@ __all__ = [
     "make_sampler", "existing_identity", "check_identity", "study_identity", "space_digest", "open_study",
     "join_study", "seed_plans", "make_objective", "run_one", "finished_count", "requeue_interrupted_seeds",
     "rivals_of", "leaders", "queue_long_finetune", "trial_plan", "checkpoint_file", "trial_checkpoint",
-    "file_digest", "SEED_LADDER", "CATCH", "OVER_BUDGET", "CONTINUES", "LONG_FIDELITY",
+    "file_digest", "plan_key", "SEED_LADDER", "CATCH", "OVER_BUDGET", "CONTINUES", "LONG_FIDELITY",
 ]
 
 # Seeds: the knapsack allocation at the budget and at smaller budgets (they draw the frontier's lower end),
@@ -282,6 +282,12 @@ def trial_checkpoint(trial: optuna.trial.FrozenTrial, out: Path) -> Path:
     return path
 
 
+def plan_key(plan: gkpd.Plan) -> str:
+    """sha256 (12 hex digits) of a plan's layers as stored in a trial: equal plans, equal keys, in any study."""
+    layers = gkpd.plan_to_dict(plan)["layers"]
+    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def make_objective(ctx: TrialContext):
     """The Optuna objective: (validation accuracy up, MFLOPs or Mparams down), budget as a constraint."""
     config, space = ctx.config, ctx.space
@@ -300,18 +306,25 @@ def make_objective(ctx: TrialContext):
         for key, budget in config.budget.items():
             trial.set_constraint(key, getattr(cost, key) - budget)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (logs, tests)
+        # What a person looking at the study (optuna-dashboard) needs on every trial, pruned ones included: the
+        # plan's key and analytic cost (what fvcore measures, asserted in run_trial), and the fine-tune's seed.
+        source = trial.user_attrs.get(CONTINUES)
+        trial.set_user_attr("plan_key", plan_key(proposed))
+        trial.set_user_attr("mflops", cost.mflops)
+        trial.set_user_attr("mparams", cost.mparams)
+        trial.set_user_attr("random_seed", config.seed if source is None else config.seed + 1)
         if plan != proposed:
             # The sampler is told only what ran: this proposal ends unevaluated and infeasible (TPE and NSGA-II
             # rank it by its violation), and the repaired plan is evaluated as a trial of its own, whose
             # parameters are that plan.
             trial.set_user_attr(OVER_BUDGET, True)
+            trial.set_user_attr("stop_reason", f"over budget: its repair {plan_key(plan)} is queued")
             trial.study.enqueue_trial(space.params_from_plan(plan), user_attrs={"repair_of": trial.number})
             log(f"trial {trial.number}: proposal over budget ({cost}); its repaired plan is queued")
             raise optuna.TrialPruned("over budget; repaired plan queued")
         trial.set_user_attr("plan", gkpd.plan_to_dict(plan)["layers"])
         tag = trial.user_attrs.get("seed") or (f"repair of {trial.user_attrs['repair_of']}"
                                                if "repair_of" in trial.user_attrs else "")
-        source = trial.user_attrs.get(CONTINUES)
         if source is not None:
             tag = f"trial {source}, {LONG_FIDELITY}x the fine-tune"
         label = f"trial {trial.number}" + (f" [{tag}]" if tag else "")
@@ -334,13 +347,16 @@ def make_objective(ctx: TrialContext):
                 result = dataclasses.replace(result, finetune_steps=short.user_attrs["finetune_steps"] + extra)
         except Hopeless as stop:
             trial.set_user_attr("stopped", str(stop))
+            trial.set_user_attr("stop_reason", f"stopped early: {stop}")
             log(f"{label}: stopped early: {stop}")
             raise optuna.TrialPruned(str(stop)) from None
         except CATCH as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+            trial.set_user_attr("stop_reason", f"failed: {type(err).__name__}: {err}")
             log(f"{label}: failed: {type(err).__name__}: {err}")
             raise
-        for key, value in {"test_accuracy": result.test_accuracy, "mflops": result.mflops,
+        for key, value in {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+                           "stop_reason": f"completed {result.finetune_steps} fine-tune steps", "mflops": result.mflops,
                            "mparams": result.mparams, "finetune_steps": result.finetune_steps,
                            "seconds": result.seconds, "checkpoint": checkpoint.as_posix(),
                            "checkpoint_sha256": file_digest(config.out / checkpoint), **result.latency}.items():

@@ -30,12 +30,16 @@ def default_cache_dir() -> Path:
 
 
 def teacher_cache_path(config: SearchConfig) -> Path:
-    """One file per (model, dataset, training recipe): a changed recipe never reuses a stale teacher."""
+    """One file per (model, dataset and its files, training recipe): a changed recipe or another image folder
+    never reuses a stale teacher. ``config.val_images`` must be resolved (``search.run.Prepared`` does it)."""
     recipe = {
         "model": config.model, "dataset": config.dataset, "steps": config.teacher_steps,
         "batch_size": config.batch_size, "lr": TEACHER_LR, "seed": config.seed,
         "max_train_images": config.max_train_images, "val_images": config.val_images,
     }
+    # Only when set: the teachers cached for the built-in datasets keep their keys.
+    recipe.update({key: value for key, value in (("weights", config.weights), ("image_size", config.image_size),
+                                                 ("data_fingerprint", config.data_fingerprint)) if value})
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     name = f"{config.model}-{config.dataset}".replace(":", "-").replace("/", "-")
     return (config.cache_dir or default_cache_dir() / "teachers") / f"{name}-{digest}.pt"
@@ -67,8 +71,10 @@ def teacher_digest(model: nn.Module) -> str:
 
 
 def get_teacher(config: SearchConfig, data: DataSplits, device: torch.device) -> tuple[nn.Module, str]:
-    """The teacher in eval mode, and where it came from. Trains and caches one when ``--teacher`` is absent."""
-    model = create_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    """The teacher in eval mode, and where it came from. Trains and caches one when ``--teacher`` is absent
+    (from torchvision's pretrained ``--weights`` when given)."""
+    model = create_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes,
+                         weights=None if config.teacher is not None else config.weights)
     if config.teacher is not None:
         load_checkpoint(model, config.teacher)
         return model.to(device).eval(), str(config.teacher)
@@ -80,7 +86,8 @@ def get_teacher(config: SearchConfig, data: DataSplits, device: torch.device) ->
             load_checkpoint(model, path)
             log(f"teacher: loaded cached {path}")
             return model.to(device).eval(), str(path)
-        log(f"teacher: training {config.model} on {config.dataset} for {config.teacher_steps} steps "
+        start_from = f" from {config.weights} weights" if config.weights else ""
+        log(f"teacher: training {config.model}{start_from} on {config.dataset} for {config.teacher_steps} steps "
             f"(batch {config.batch_size}); cached at {path} for later runs")
         start = time.perf_counter()
         model = model.to(device)

@@ -187,3 +187,29 @@ def test_se_resnet_and_mobilenet_v2_factorize_their_pointwise_and_linear_layers(
     assert len(depthwise) == 17 and len(pointwise) == 34
     assert all("groups=" in space.dense_only[n] for n in depthwise)  # depthwise convs stay dense
     assert set(pointwise) <= set(space.choices())  # every pointwise conv can be factorized
+
+
+def test_mobilenet_v2_cifar_keeps_an_8x_smaller_map_than_torchvisions() -> None:
+    maps = {}
+    for name in ("mobilenet_v2", "mobilenet_v2_cifar"):
+        model = create_model(name, in_channels=3, num_classes=10).eval()
+        with torch.no_grad():
+            maps[name] = model.features(torch.zeros(1, 3, 32, 32)).shape[-2:]
+        assert gkpd.count_params(model) == 2_236_682  # the same layers: only strides differ
+    assert maps == {"mobilenet_v2": (1, 1), "mobilenet_v2_cifar": (4, 4)}  # total stride 32 vs 8
+    assert gkpd.count_mflops(create_model("mobilenet_v2_cifar", in_channels=1, num_classes=10), (1, 28, 28)) == \
+        pytest.approx(75.533376, abs=1e-9)
+
+
+@pytest.mark.parametrize(("study", "model", "budget", "dense"), [
+    ("cifar10-resnet32", "resnet32", 0.1, 466_906),
+    ("cifar10-mobilenet-v2", "mobilenet_v2_cifar", 0.56, 2_236_682),
+    ("cifar10-se-resnet20", "se_resnet20", 0.07, 280_958),
+])
+def test_the_papers_three_families_have_a_cifar10_study(study: str, model: str, budget: float, dense: int) -> None:
+    from search.cli import config_from_args, parse_args
+
+    config = config_from_args(parse_args(["--study-file", str(Path(__file__).parents[2] / "studies" / f"{study}.toml")]))
+    assert (config.model, config.dataset, config.budget_mparams, config.budget_mflops) == (model, "cifar10", budget, None)
+    assert gkpd.count_params(create_model(model, in_channels=3, num_classes=10)) == dense  # 4x to 4.7x fewer
+    assert 3.99 <= dense / 1e6 / budget <= 4.7

@@ -117,6 +117,20 @@ def test_a_failed_onnx_export_keeps_plan_and_weights(tmp_path: Path, monkeypatch
     assert json.loads((tmp_path / "best" / "export.json").read_text())["trial"] == 1
 
 
+@pytest.mark.parametrize(("diff", "scale", "passes"), [(5e-3, 1e4, True), (5e-3, 1.0, False), (5e-4, 0.01, True)])
+def test_the_onnx_check_allows_float_rounding_relative_to_the_logits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     diff: float, scale: float, passes: bool) -> None:
+    def measured(model, input_shape, path):  # onnxruntime's |difference| and the largest |logit|, as given
+        path.write_bytes(b"onnx")
+        return diff, scale
+
+    monkeypatch.setattr(search.export, "export_onnx", measured)
+    summary = export_model(nn.Linear(2, 2), {}, tmp_path / "best", input_shape=(2,), meta={"trial": 0})
+    assert ("model.onnx" in summary["files"]) is passes
+    if not passes:  # 1e-3 of max(1, 1.0) is less than 5e-3
+        assert summary["onnx_error"].startswith("RuntimeError: onnxruntime disagrees with PyTorch (max |diff| 0.005")
+
+
 def test_a_ray_trial_joins_the_study_and_never_creates_one(tmp_path: Path) -> None:
     """A Tune trial on a node that cannot see the driver's SQLite file fails instead of starting a private study."""
     missing = tmp_path / "elsewhere" / "study.db"

@@ -89,3 +89,14 @@ def test_an_over_budget_proposal_is_told_infeasible_and_its_repair_runs_as_its_o
     assert all(space.cost(plan).mflops <= 10.0 for plan in evaluated)
     assert finished_count(study) == 4
     assert repaired.user_attrs["checkpoint"] == "checkpoints/repair/trial-1.pt"
+    # What optuna-dashboard shows: the pruned proposal carries its own cost and key too (dense resnet20 on 1x28x28).
+    from search.study import plan_key
+
+    dense_cost = space.baseline_cost()
+    assert (proposal.user_attrs["mflops"], proposal.user_attrs["mparams"]) == (dense_cost.mflops, dense_cost.mparams)
+    assert (dense_cost.mflops, dense_cost.mparams) == (31.332416, 0.272186)
+    assert proposal.user_attrs["plan_key"] == plan_key({}) != repaired.user_attrs["plan_key"]
+    assert proposal.user_attrs["stop_reason"] == f"over budget: its repair {repaired.user_attrs['plan_key']} is queued"
+    assert repaired.user_attrs["plan_key"] == plan_key(space.plan_from_params(repaired.params))
+    assert (repaired.user_attrs["random_seed"], repaired.user_attrs["val_accuracy"]) == (config.seed, 0.5)
+    assert repaired.user_attrs["stop_reason"] == "completed 0 fine-tune steps"

@@ -23,7 +23,7 @@ def _tiny_data(n: int = 128, *, seed: int = 0) -> DataSplits:
         r, c = divmod(label, 2)
         x[i, 0, 3 * r:3 * r + 3, 3 * c:3 * c + 3] += 1.0
     half = n // 2
-    return DataSplits(x[:half], y[:half], x[half:], y[half:], x[half:], y[half:], 4, (1, 6, 6), "tiny")
+    return DataSplits(x[:half], y[:half], x[half:], y[half:], x[half:], y[half:], 4, (1, 6, 6), "tiny", half)
 
 
 def _small_net(seed: int, width: int = 8) -> nn.Module:
