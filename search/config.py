@@ -13,12 +13,15 @@ SAMPLERS = ("tpe", "nsga2", "random")
 BACKENDS = ("optuna", "ray")
 
 
-def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None) -> str:
+def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None,
+                       budget_ms: float | None = None) -> str:
     parts = [model.replace(":", "-").replace(".", "-"), dataset]
     if budget_mflops is not None:
         parts.append(f"{budget_mflops:g}mflops")
     if budget_mparams is not None:
         parts.append(f"{budget_mparams:g}mparams")
+    if budget_ms is not None:
+        parts.append(f"{budget_ms:g}ms")
     return "-".join(parts)
 
 
@@ -37,6 +40,7 @@ class SearchConfig:
 
     budget_mflops: float | None = None
     budget_mparams: float | None = None
+    budget_ms: float | None = None  # ms at batch 1 on the run's device, torch (search.latency_table predicts it)
     model: str = "resnet18"
     dataset: str = "fashion-mnist"
     teacher: Path | None = None
@@ -67,10 +71,12 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.budget_mflops is None and self.budget_mparams is None:
-            raise ValueError("give a budget: --budget-mflops X (millions of MACs) and/or --budget-mparams Y")
+        if self.budget_mflops is None and self.budget_mparams is None and self.budget_ms is None:
+            raise ValueError("give a budget: --budget-mflops X (millions of MACs), --budget-mparams Y and/or "
+                             "--budget-ms Z (any combination)")
         _positive("budget-mflops", self.budget_mflops)
         _positive("budget-mparams", self.budget_mparams)
+        _positive("budget-ms", self.budget_ms)
         for name in ("trials", "finetune_steps", "teacher_steps", "batch_size", "val_images", "workers"):
             value = getattr(self, name)
             if name in ("finetune_steps",) and value == 0:
@@ -92,24 +98,27 @@ class SearchConfig:
         if not self.study_name:
             object.__setattr__(
                 self, "study_name",
-                default_study_name(self.model, self.dataset, self.budget_mflops, self.budget_mparams),
+                default_study_name(self.model, self.dataset, self.budget_mflops, self.budget_mparams, self.budget_ms),
             )
         if self.out == Path():
             object.__setattr__(self, "out", Path("runs") / self.study_name)
 
     @property
     def objective(self) -> str:
-        """The cost the study minimizes: "mflops" unless only a parameter budget is given."""
-        return "mflops" if self.budget_mflops is not None else "mparams"
+        """The cost the study minimizes: "mflops" unless only a parameter budget is given (with only an ms budget:
+        MACs, the cost that the latency prediction follows most closely)."""
+        return "mparams" if self.budget_mparams is not None and self.budget_mflops is None else "mflops"
 
     @property
     def budget(self) -> dict[str, float]:
-        """The budgets as keyword arguments for ``spaces`` (``mflops=``, ``mparams=``)."""
+        """The budgets as keyword arguments for ``spaces`` (``mflops=``, ``mparams=``, ``ms=``)."""
         out = {}
         if self.budget_mflops is not None:
             out["mflops"] = self.budget_mflops
         if self.budget_mparams is not None:
             out["mparams"] = self.budget_mparams
+        if self.budget_ms is not None:
+            out["ms"] = self.budget_ms
         return out
 
     @property
@@ -122,7 +131,7 @@ class SearchConfig:
         length, batch size, seed). The teacher and the space themselves are added by ``search.study``."""
         return {
             "model": self.model, "dataset": self.dataset, "budget_mflops": self.budget_mflops,
-            "budget_mparams": self.budget_mparams, "preset": self.preset, "skip": list(self.skip),
+            "budget_mparams": self.budget_mparams, "budget_ms": self.budget_ms, "preset": self.preset, "skip": list(self.skip),
             "finetune_steps": self.finetune_steps, "batch_size": self.batch_size, "seed": self.seed,
             "max_train_images": self.max_train_images, "max_eval_images": self.max_eval_images,
             "val_images": self.val_images,
