@@ -156,7 +156,8 @@ def _check_budget(space: SearchSpace, config: SearchConfig, model: torch.nn.Modu
             space.allocate(**config.budget)
         except ValueError as err:
             given = " and ".join(f"--budget-{key} {value:g}" for key, value in config.budget.items())
-            raise ValueError(f"{given}: no plan of this space meets them all ({err})") from None
+            both = "both" if len(config.budget) == 2 else "them all"
+            raise ValueError(f"{given}: no plan of this space meets {both} ({err})") from None
 
 
 class Prepared:
