@@ -150,7 +150,8 @@ def _study_value(action: argparse.Action, value: Any, source: Path) -> Any:
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(
-        budget_mflops=args.budget_mflops, budget_mparams=args.budget_mparams, budget_ms=args.budget_ms, model=args.model,
+        budget_mflops=args.budget_mflops, budget_mparams=args.budget_mparams, budget_ms=args.budget_ms,
+        model=args.model,
         teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir, trials=args.trials,
         timeout=args.timeout, finetune_steps=args.finetune_steps, teacher_steps=args.teacher_steps,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images, batch_size=args.batch_size,

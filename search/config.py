@@ -131,7 +131,8 @@ class SearchConfig:
         length, batch size, seed). The teacher and the space themselves are added by ``search.study``."""
         return {
             "model": self.model, "dataset": self.dataset, "budget_mflops": self.budget_mflops,
-            "budget_mparams": self.budget_mparams, "budget_ms": self.budget_ms, "preset": self.preset, "skip": list(self.skip),
+            "budget_mparams": self.budget_mparams, "budget_ms": self.budget_ms, "preset": self.preset,
+            "skip": list(self.skip),
             "finetune_steps": self.finetune_steps, "batch_size": self.batch_size, "seed": self.seed,
             "max_train_images": self.max_train_images, "max_eval_images": self.max_eval_images,
             "val_images": self.val_images,

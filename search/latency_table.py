@@ -109,30 +109,33 @@ def _build(model: nn.Module, space: SearchSpace, input_shape: tuple[int, ...], p
     inputs = latency._layer_inputs(model, list(space.layers), input_shape)
     with filelock.FileLock(str(path) + ".lock"):  # --workers N: one process times, the others read
         cache: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
-        todo = [name for name, layer in space.layers.items()
-                if any(f"{layer_key(modules[name], inputs[name])}|{c.key}" not in cache for c in layer.candidates)]
+        todo = {}  # layer -> its candidates not in the cache (a teacher's space differs from the untrained model's)
+        for name, layer in space.layers.items():
+            key = layer_key(modules[name], inputs[name])
+            missing = [c for c in layer.candidates if f"{key}|{c.key}" not in cache]
+            if missing:
+                todo[name] = missing
         model_key = _model_key(model, input_shape)
         start = time.perf_counter()
         if todo or model_key not in cache:
-            total = sum(len(space.layers[name].candidates) for name in todo)
+            total = sum(len(missing) for missing in todo.values())
             log(f"latency table: timing {total} candidates of {len(todo)} layers and the dense model at batch 1 on "
                 f"{latency.describe(device)} (once; cached in {path})")
         changed = bool(todo) or model_key not in cache
         if model_key not in cache:
             cache[model_key] = latency.torch_latency({"dense": model}, input_shape, batch=1, device=device,
                                                      repeats=TABLE_REPEATS)["dense"]
-        for i, name in enumerate(todo, 1):
+        for i, (name, candidates) in enumerate(todo.items(), 1):
             shape = inputs[name]
             x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)  # as search.latency feeds the whole model
             key = layer_key(modules[name], shape)
-            candidates = space.layers[name].candidates
             layers = {c.key: _candidate_module(modules[name], c.spec).to(device).eval() for c in candidates}
             times = time_calls({k: _forward(m, x, device) for k, m in layers.items()})
             cache.update({f"{key}|{k}": ms for k, ms in times.items()})
-            log(f"latency table: {i}/{len(todo)} {name} ({len(candidates)} candidates, dense {times[DENSE]:.3f} ms, "
-                f"fastest {min(times.values()):.3f} ms) {duration(time.perf_counter() - start)}")
+            log(f"latency table: {i}/{len(todo)} {name} ({len(candidates)} candidates, {min(times.values()):.3f} to "
+                f"{max(times.values()):.3f} ms) {duration(time.perf_counter() - start)}")
         if changed:
             atomic_text(path, json.dumps(cache, indent=0, sort_keys=True) + "\n")
     per_layer = {name: {c.key: cache[f"{layer_key(modules[name], inputs[name])}|{c.key}"] for c in layer.candidates}

@@ -18,8 +18,8 @@ from search.pareto import pareto_front
 from search.progress import duration
 from spaces.candidates import family
 
-__all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table", "fidelity_pairs", "PREDICTION_SHOWN",
-           "concordance"]
+__all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table", "fidelity_pairs",
+           "concordance", "LATENCY_SHOWN", "PREDICTION_SHOWN"]
 
 # Measured latency of each completed trial (search.latency), the dense teacher's beside it in the same run.
 LATENCY_COLUMNS = ("ms_b1", "dense_ms_b1", "speedup_b1", "ms_batch", "dense_ms_batch", "speedup_batch", "batch",

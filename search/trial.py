@@ -103,7 +103,8 @@ class TrialContext:
         return self.sensitivity.scores() if self.sensitivity is not None else None
 
 
-def measure_trial_latency(ctx: TrialContext, student: nn.Module, label: str, *, predicted_ms: float | None = None) -> dict:
+def measure_trial_latency(ctx: TrialContext, student: nn.Module, label: str, *,
+                          predicted_ms: float | None = None) -> dict:
     """The student's latency next to the teacher's (search.latency), logged; {} when ``GKPD_LATENCY=0``.
 
     With ``--budget-ms`` the torch batch-1 time is measured whatever ``GKPD_LATENCY`` says (the budget is checked
