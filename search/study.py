@@ -202,11 +202,12 @@ def run_one(study: optuna.Study, objective: Any) -> FrozenTrial:
 
 
 def rivals_of(study: optuna.Study) -> list[Rival]:
-    """Finished trials a new one is compared with: the short fine-tunes only (like with like)."""
+    """Finished trials a new one is compared with: the short fine-tunes only (like with like), none measured over
+    --budget-ms (a plan that does not meet the budget must not stop one that may)."""
     return [
         Rival(t.values[1], t.user_attrs["screen_accuracy"], t.values[0])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "screen_accuracy" in t.user_attrs and CONTINUES not in t.user_attrs
+        if "screen_accuracy" in t.user_attrs and CONTINUES not in t.user_attrs and OVER_MEASURED not in t.user_attrs
     ]
 
 
