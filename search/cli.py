@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_argument_group("budget (at least one)")
     budget.add_argument("--budget-mflops", type=float, help="MACs per image, in millions (fvcore's 'MFLOPs')")
     budget.add_argument("--budget-mparams", type=float, help="parameters, in millions")
+    budget.add_argument("--budget-ms", type=float,
+                        help="latency in milliseconds at batch 1 on the run's --device, torch (not onnxruntime): "
+                             "predicted per plan from a per-layer table timed once and cached in --cache-dir; every "
+                             "trial is also measured end to end (even with GKPD_LATENCY=0), and only trials within "
+                             "the budget as measured make the frontier")
     what = p.add_argument_group("model and data")
     what.add_argument("--model", default=d.model,
                       help=f"one of {', '.join(MODELS)}, a torchvision model name, or pkg.module:factory (any "
@@ -101,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--storage", help="Optuna storage URL (default: SQLite file in --out); "
                        "postgresql://... lets workers on many machines share one study")
     where.add_argument("--out", type=Path, help="run directory (default runs/<study-name>)")
-    where.add_argument("--cache-dir", type=Path, help="where trained teachers are cached "
-                       "(default $GKPD_CACHE/teachers or ~/.cache/gkpd-search/teachers)")
+    where.add_argument("--cache-dir", type=Path, help="where trained teachers are cached, and the sensitivity and "
+                       "latency tables beside them (default $GKPD_CACHE/teachers or ~/.cache/gkpd-search/teachers)")
     where.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     where.add_argument("--workers", type=int, default=d.workers, help="worker processes on this machine")
     where.add_argument("--backend", default=d.backend, choices=BACKENDS)
@@ -153,8 +158,9 @@ def _study_value(action: argparse.Action, value: Any, source: Path) -> Any:
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(
-        budget_mflops=args.budget_mflops, budget_mparams=args.budget_mparams, model=args.model,
-        weights=args.weights, val_images=args.val_images, image_size=args.image_size, teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir, trials=args.trials,
+        budget_mflops=args.budget_mflops, budget_mparams=args.budget_mparams, budget_ms=args.budget_ms,
+        model=args.model, weights=args.weights, val_images=args.val_images, image_size=args.image_size,
+        teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir, trials=args.trials,
         timeout=args.timeout, finetune_steps=args.finetune_steps, teacher_steps=args.teacher_steps,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images, batch_size=args.batch_size,
         sampler=args.sampler, study_name=args.study_name or "", storage=args.storage, out=args.out or Path(),

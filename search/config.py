@@ -14,9 +14,9 @@ SAMPLERS = ("tpe", "nsga2", "random")
 BACKENDS = ("optuna", "ray")
 
 
-def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None, *,
-                       data: str = "") -> str:
-    """<model>-<dataset>[-<data>]-<budget>; ``data`` tells apart two image folders (their name and fingerprint)."""
+def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None,
+                       budget_ms: float | None = None, *, data: str = "") -> str:
+    """<model>-<dataset>[-<data>]-<budgets>; ``data`` tells apart two image folders (their name and fingerprint)."""
     parts = [model.replace(":", "-").replace(".", "-"), dataset]
     if data:
         parts.append(data)
@@ -24,6 +24,8 @@ def default_study_name(model: str, dataset: str, budget_mflops: float | None, bu
         parts.append(f"{budget_mflops:g}mflops")
     if budget_mparams is not None:
         parts.append(f"{budget_mparams:g}mparams")
+    if budget_ms is not None:
+        parts.append(f"{budget_ms:g}ms")
     return "-".join(parts)
 
 
@@ -42,6 +44,7 @@ class SearchConfig:
 
     budget_mflops: float | None = None
     budget_mparams: float | None = None
+    budget_ms: float | None = None  # ms at batch 1 on the run's device, torch (search.latency_table predicts it)
     model: str = "resnet18"
     dataset: str = "fashion-mnist"
     teacher: Path | None = None
@@ -75,10 +78,12 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.budget_mflops is None and self.budget_mparams is None:
-            raise ValueError("give a budget: --budget-mflops X (millions of MACs) and/or --budget-mparams Y")
+        if self.budget_mflops is None and self.budget_mparams is None and self.budget_ms is None:
+            raise ValueError("give a budget: --budget-mflops X (millions of MACs), --budget-mparams Y and/or "
+                             "--budget-ms Z (any combination)")
         _positive("budget-mflops", self.budget_mflops)
         _positive("budget-mparams", self.budget_mparams)
+        _positive("budget-ms", self.budget_ms)
         for name in ("trials", "finetune_steps", "teacher_steps", "batch_size", "val_images", "image_size", "workers"):
             value = getattr(self, name)
             if value is None or (name in ("finetune_steps",) and value == 0):
@@ -117,24 +122,28 @@ class SearchConfig:
                 data = f"{re.sub(r'[^A-Za-z0-9._]+', '_', folder)}-{self.data_fingerprint[:8]}".lstrip("-_")
             object.__setattr__(
                 self, "study_name",
-                default_study_name(self.model, self.dataset, self.budget_mflops, self.budget_mparams, data=data),
+                default_study_name(self.model, self.dataset, self.budget_mflops, self.budget_mparams, self.budget_ms,
+                                   data=data),
             )
         if self.out == Path():
             object.__setattr__(self, "out", Path("runs") / self.study_name)
 
     @property
     def objective(self) -> str:
-        """The cost the study minimizes: "mflops" unless only a parameter budget is given."""
-        return "mflops" if self.budget_mflops is not None else "mparams"
+        """The cost the study minimizes: "mflops" unless only a parameter budget is given (with only an ms budget:
+        MACs, the cost that the latency prediction follows most closely)."""
+        return "mparams" if self.budget_mparams is not None and self.budget_mflops is None else "mflops"
 
     @property
     def budget(self) -> dict[str, float]:
-        """The budgets as keyword arguments for ``spaces`` (``mflops=``, ``mparams=``)."""
+        """The budgets as keyword arguments for ``spaces`` (``mflops=``, ``mparams=``, ``ms=``)."""
         out = {}
         if self.budget_mflops is not None:
             out["mflops"] = self.budget_mflops
         if self.budget_mparams is not None:
             out["mparams"] = self.budget_mparams
+        if self.budget_ms is not None:
+            out["ms"] = self.budget_ms
         return out
 
     @property
@@ -147,7 +156,8 @@ class SearchConfig:
         length, batch size, seed, which images). The teacher and the space themselves are added by ``search.study``."""
         return {
             "model": self.model, "dataset": self.dataset, "budget_mflops": self.budget_mflops,
-            "budget_mparams": self.budget_mparams, "preset": self.preset, "skip": list(self.skip),
+            "budget_mparams": self.budget_mparams, "budget_ms": self.budget_ms, "preset": self.preset,
+            "skip": list(self.skip),
             "finetune_steps": self.finetune_steps, "batch_size": self.batch_size, "seed": self.seed,
             "max_train_images": self.max_train_images, "max_eval_images": self.max_eval_images,
             **self._data_identity(),

@@ -43,18 +43,19 @@ def enabled() -> bool:
     return os.environ.get(LATENCY_ENV, "1") != "0"
 
 
-def median_ms(fns: Mapping[str, Callable[[], Any]], *, repeats: int = REPEATS) -> dict[str, float]:
+def median_ms(fns: Mapping[str, Callable[[], Any]], *, repeats: int = REPEATS,
+              round_s: float = 0.01) -> dict[str, float]:
     """Median milliseconds per call of each function, the functions interleaved in every round.
 
-    Each function is warmed up once (allocations, kernel and path selection); calls under 10 ms are timed in a
-    loop of up to 20 so that the timer's resolution and Python's overhead do not decide the ratio.
+    Each function is warmed up once (allocations, kernel and path selection); calls under ``round_s`` (10 ms)
+    are timed in a loop of up to 20 so that the timer's resolution and Python's overhead do not decide the ratio.
     """
     loops = {}
     for name, fn in fns.items():
         fn()
         start = time.perf_counter()
         fn()
-        loops[name] = max(1, min(20, int(0.01 / max(time.perf_counter() - start, 1e-6))))
+        loops[name] = max(1, min(20, int(round_s / max(time.perf_counter() - start, 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

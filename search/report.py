@@ -19,11 +19,13 @@ from search.progress import duration
 from spaces.candidates import family
 
 __all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_table", "fidelity_pairs",
-           "concordance"]
+           "concordance", "LATENCY_SHOWN", "PREDICTION_SHOWN"]
 
 # Measured latency of each completed trial (search.latency), the dense teacher's beside it in the same run.
 LATENCY_COLUMNS = ("ms_b1", "dense_ms_b1", "speedup_b1", "ms_batch", "dense_ms_batch", "speedup_batch", "batch",
-                   "ort_ms_b1", "ort_dense_ms_b1", "ort_speedup_b1")
+                   "ort_ms_b1", "ort_dense_ms_b1", "ort_speedup_b1", "predicted_ms_b1")
+# With --budget-ms: the latency table's prediction and its error against the measured ms_b1 (search.latency_table).
+PREDICTION_SHOWN = ["predicted_ms_b1", "ms_pred_error"]
 LATENCY_SHOWN = ["ms_b1", "speedup_b1", "speedup_batch", "ort_ms_b1", "ort_speedup_b1"]
 
 UNIT_NOTE = ("MFLOPs are millions of multiply-accumulates (MACs), as fvcore counts them; "
@@ -49,12 +51,17 @@ def trials_frame(study: optuna.Study, *, baseline: dict[str, float]) -> pd.DataF
             "mparams": mparams,
             "flops_ratio": baseline["mflops"] / mflops if mflops else None,
             "params_ratio": baseline["mparams"] / mparams if mparams else None,
-            "feasible": all(c <= 0 for c in t.constraints.values()) if t.state == TrialState.COMPLETE else None,
+            # In budget: every constraint (the proposal's analytic cost, the predicted ms), and an ms budget as measured.
+            "feasible": (all(c <= 0 for c in t.constraints.values()) and "over_budget_measured" not in attrs
+                         if t.state == TrialState.COMPLETE else None),
             "layers_decomposed": len(attrs.get("plan", {})),
             "families": families_of(attrs.get("plan", {})),
             "seconds": round(attrs["seconds"], 1) if "seconds" in attrs else None,
             **{key: attrs.get(key) for key in LATENCY_COLUMNS},
-            "note": attrs.get("stopped") or attrs.get("fail_reason") or _repair_note(attrs),
+            "ms_pred_error": (attrs["predicted_ms_b1"] / attrs["ms_b1"] - 1
+                              if attrs.get("predicted_ms_b1") and attrs.get("ms_b1") else None),
+            "note": (attrs.get("stopped") or attrs.get("fail_reason") or attrs.get("over_budget_measured")
+                     or _repair_note(attrs)),
         })
     return pd.DataFrame(rows)
 
@@ -96,6 +103,8 @@ def format_table(frame: pd.DataFrame, columns: Sequence[str]) -> str:
             return ""
         if "accuracy" in column:
             return f"{100 * value:.2f}%"
+        if column.endswith("_error"):
+            return f"{100 * value:+.1f}%"
         if isinstance(value, float):
             return f"{value:.3f}" if column in ("mparams", "gflops_torch") else f"{value:.2f}"
         return str(value)
@@ -139,6 +148,10 @@ def _plot(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, budget: flo
 
 def _has_latency(frame: pd.DataFrame) -> bool:
     return "ms_b1" in frame and frame.ms_b1.notna().any()
+
+
+def _has_prediction(frame: pd.DataFrame) -> bool:
+    return "predicted_ms_b1" in frame and frame.predicted_ms_b1.notna().any()
 
 
 def _plot_latency(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, teacher: dict[str, float],
@@ -236,6 +249,7 @@ def _finetune_section(out: Path, teacher: dict[str, float]) -> list[str]:
 def write_report(study: optuna.Study, out: Path, *, objective: str, budget: float | None,
                  teacher: dict[str, float], run: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write trials.csv, pareto.csv, pareto.png and report.md into ``out``; return (trials, pareto)."""
+    budget_ms = (run.get("budget") or {}).get("ms")
     out.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(study, baseline=teacher)
     pareto = pareto_frame(trials, objective=objective) if not trials.empty else trials
@@ -249,15 +263,23 @@ def write_report(study: optuna.Study, out: Path, *, objective: str, budget: floa
     latency_lines: list[str] = []
     if not trials.empty and _has_latency(trials):
         device = _latency_devices(study)
-        columns += LATENCY_SHOWN
+        columns += LATENCY_SHOWN + (PREDICTION_SHOWN if _has_prediction(trials) else [])
         _plot_latency(trials, pareto, out / "latency.png", teacher=teacher, device=device)
-        batch = int(trials.batch.dropna().iloc[0])
+        batches = trials.batch.dropna()
+        batch = int(batches.iloc[0]) if not batches.empty else "--batch-size"  # GKPD_LATENCY=0: batch 1 only
         latency_lines = [
             f"Latency measured after each trial, next to the dense teacher in the same process, interleaved, median "
             f"of 5: torch on {device} at batch 1 (`ms_b1`, `speedup_b1` = dense ms / model ms) and at batch "
             f"{batch} (`speedup_batch`); onnxruntime on the CPU at batch 1 of the fast form (`ort_ms_b1`, "
             f"`ort_speedup_b1`; each Kronecker layer factorized or folded into a dense conv, whichever is faster). "
             "latency.png: accuracy versus latency.", ""]
+        if _has_prediction(trials):
+            held = (f" --budget-ms {budget_ms:g} holds as measured: a trial over it stays in trials.csv (note) "
+                    "and off the frontier." if budget_ms is not None else "")
+            latency_lines[-1:-1] = [
+                f"`predicted_ms_b1`: the per-layer latency table's prediction (each layer's chosen candidate timed "
+                f"alone at batch 1 on {device}, plus the rest of the dense model); `ms_pred_error` = predicted / "
+                f"measured - 1.{held}"]
     counts = trials.state.value_counts().to_dict() if not trials.empty else {}
     lines = [
         f"# gkpd-search: {run['study_name']}",

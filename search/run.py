@@ -28,7 +28,7 @@ from search.export import export_model
 from search.files import atomic_text, create_text
 from search.models import check_input_shape, check_weights, create_model
 from search.progress import Eta, log
-from search.report import LATENCY_SHOWN, best_row, format_table, write_report
+from search.report import LATENCY_SHOWN, PREDICTION_SHOWN, best_row, format_table, write_report
 from search.sensitivity import study_table_key
 from search.storage import open_storage, redact, sqlite_path, without_password
 from search.study import (
@@ -37,7 +37,8 @@ from search.study import (
 )
 from search.teacher import find_teacher, get_teacher, load_teacher, teacher_cache_path, teacher_digest
 from search.train import evaluate
-from search.trial import SENSITIVITY, TrialContext
+from search.latency_table import build_latency_table
+from search.trial import SENSITIVITY, TrialContext, latency_cache
 from spaces import SearchSpace, build_space
 
 __all__ = [
@@ -139,15 +140,25 @@ def claim_run_dir(config: SearchConfig) -> None:
 
 # -- preparing ---------------------------------------------------------------------------------------------------
 
-def _check_budget(space: SearchSpace, config: SearchConfig) -> None:
-    space.check_budget(**config.budget)
+def _check_budget(space: SearchSpace, config: SearchConfig, model: torch.nn.Module, device: torch.device) -> None:
+    """The budgets against the space; with ``--budget-ms`` the space gets its latency table first (timed once
+    on ``device`` with ``model``'s layers, or read from the cache)."""
+    if config.budget_ms is not None and space.latency is None:
+        space.set_latency(build_latency_table(model, space, device=device, cache_dir=latency_cache(config)))
+    try:
+        space.check_budget(**config.budget)
+    except ValueError as err:
+        if config.budget_ms is not None and str(err).startswith("ms budget"):
+            raise ValueError(f"--budget-ms {str(err).removeprefix('ms budget ')}") from None
+        raise
     if len(config.budget) > 1:
-        # Each budget may be reachable alone but not together: a feasible plan must exist for both at once.
+        # Each budget may be reachable alone but not together: a feasible plan must exist for all at once.
         try:
             space.allocate(**config.budget)
         except ValueError as err:
-            raise ValueError(f"--budget-mflops {config.budget_mflops:g} and --budget-mparams "
-                             f"{config.budget_mparams:g}: no plan of this space meets both ({err})") from None
+            given = " and ".join(f"--budget-{key} {value:g}" for key, value in config.budget.items())
+            both = "both" if len(config.budget) == 2 else "them all"
+            raise ValueError(f"{given}: no plan of this space meets {both} ({err})") from None
 
 
 class Prepared:
@@ -194,7 +205,8 @@ class Prepared:
                                  f"{found['teacher_sha256'][:12]}) that is not here: not in the teacher cache "
                                  f"{teacher_cache_path(config).parent} (training a new one would give another); "
                                  "pass --teacher PATH or --cache-dir DIR")
-            _check_budget(build_space(model, shape, preset=config.preset, skip=config.skip), config)
+            _check_budget(build_space(model, shape, preset=config.preset, skip=config.skip), config, model,
+                          self.device)
             self.teacher, self.teacher_source = get_teacher(config, self.data, self.device)
         else:
             self.teacher = load_teacher(config, source, in_channels=shape[0], num_classes=classes).to(self.device)
@@ -203,8 +215,8 @@ class Prepared:
         check_identity({"teacher_sha256": digest}, found, config.study_name)
         # 4. The space, built once from the teacher (one SVD per layer and factor shape).
         self.space = build_space(self.teacher, shape, preset=config.preset, skip=config.skip)
-        if source is not None:
-            _check_budget(self.space, config)
+        if source is not None or config.budget_ms is not None:  # the table: timed above, read from the cache now
+            _check_budget(self.space, config, self.teacher, self.device)
         table = study_table_key(self.teacher, self.space, self.data.train_x) if SENSITIVITY else None
         self.identity = study_identity(config, teacher=digest, space=self.space, sensitivity=table)
         check_identity(self.identity, found, config.study_name)
@@ -325,12 +337,18 @@ def print_summary(info: dict[str, Any], pareto: pd.DataFrame, out: Path, *, expo
         print("no completed in-budget trial yet")
     else:
         measured = "ms_b1" in pareto and pareto.ms_b1.notna().any()
+        predicted = "predicted_ms_b1" in pareto and pareto.predicted_ms_b1.notna().any()
         print(format_table(pareto, ["trial", "seed", "fidelity", "val_accuracy", "test_accuracy", "mflops",
                                     "gflops_torch", "mparams", "flops_ratio", "params_ratio",
-                                    *(LATENCY_SHOWN if measured else [])]))
+                                    *(LATENCY_SHOWN if measured else []), *(PREDICTION_SHOWN if predicted else [])]))
         if measured:
             print("latency: ms_b1 = torch at batch 1 on the run's device, speedup_* = dense ms / model ms (torch at "
                   "batch 1 and at --batch-size), ort_* = onnxruntime CPU at batch 1, fast form; medians of 5")
+        if predicted:
+            budget_ms = info["budget"].get("ms")
+            print("predicted_ms_b1 = the per-layer latency table's prediction, ms_pred_error = predicted / measured - 1"
+                  + (f"; --budget-ms {budget_ms:g} holds as measured (trials over it: trials.csv, note)"
+                     if budget_ms is not None else ""))
     files = "trials.csv, pareto.csv, pareto.png, report.md" + (", best/" if exported else "")
     print(f"\nrun directory: {out}  ({files})")
 

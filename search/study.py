@@ -32,7 +32,7 @@ __all__ = [
     "make_sampler", "existing_identity", "check_identity", "study_identity", "space_digest", "open_study",
     "join_study", "seed_plans", "make_objective", "run_one", "finished_count", "requeue_interrupted_seeds",
     "rivals_of", "leaders", "queue_long_finetune", "trial_plan", "checkpoint_file", "trial_checkpoint",
-    "file_digest", "plan_key", "SEED_LADDER", "CATCH", "OVER_BUDGET", "CONTINUES", "LONG_FIDELITY",
+    "file_digest", "plan_key", "SEED_LADDER", "CATCH", "OVER_BUDGET", "OVER_MEASURED", "CONTINUES", "LONG_FIDELITY",
 ]
 
 # Seeds: the knapsack allocation at the budget and at smaller budgets (they draw the frontier's lower end),
@@ -44,6 +44,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # User attribute of a sampler's proposal that was over budget: it is not evaluated (its repaired plan is, as
 # a trial of its own), so it counts as no finished trial.
 OVER_BUDGET = "over_budget"
+# User attribute of a trial within --budget-ms as predicted but over it as measured (the reason): it stays in
+# trials.csv and off the frontier, and the best trial is never one of them.
+OVER_MEASURED = "over_budget_measured"
 # Proposals over budget in a row (each queues its repaired plan) before run_one returns without an evaluation.
 MAX_PROPOSALS = 8
 # User attribute of a longer fine-tune of a finished trial (its number): multi-fidelity for the leaders. A
@@ -199,16 +202,17 @@ def run_one(study: optuna.Study, objective: Any) -> FrozenTrial:
 
 
 def rivals_of(study: optuna.Study) -> list[Rival]:
-    """Finished trials a new one is compared with: the short fine-tunes only (like with like)."""
+    """Finished trials a new one is compared with: the short fine-tunes only (like with like), none measured over
+    --budget-ms (a plan that does not meet the budget must not stop one that may)."""
     return [
         Rival(t.values[1], t.user_attrs["screen_accuracy"], t.values[0])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "screen_accuracy" in t.user_attrs and CONTINUES not in t.user_attrs
+        if "screen_accuracy" in t.user_attrs and CONTINUES not in t.user_attrs and OVER_MEASURED not in t.user_attrs
     ]
 
 
 def _in_budget(trial: FrozenTrial) -> bool:
-    return all(c <= 0 for c in trial.constraints.values())
+    return all(c <= 0 for c in trial.constraints.values()) and OVER_MEASURED not in trial.user_attrs
 
 
 def leaders(study: optuna.Study) -> list[FrozenTrial]:
@@ -361,6 +365,11 @@ def make_objective(ctx: TrialContext):
                            "seconds": result.seconds, "checkpoint": checkpoint.as_posix(),
                            "checkpoint_sha256": file_digest(config.out / checkpoint), **result.latency}.items():
             trial.set_user_attr(key, value)
+        measured_ms = result.latency.get("ms_b1")
+        if config.budget_ms is not None and measured_ms is not None and measured_ms > config.budget_ms:
+            # Predicted in budget (the constraint), over it as measured: kept in trials.csv, off the frontier.
+            trial.set_user_attr(OVER_MEASURED, f"over --budget-ms as measured: {measured_ms:.2f} ms > "
+                                f"{config.budget_ms:g} ms (predicted {result.latency.get('predicted_ms_b1', 0):.2f})")
         return result.val_accuracy, result.mflops if config.objective == "mflops" else result.mparams
 
     return objective

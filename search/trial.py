@@ -32,7 +32,7 @@ from search.train import TeacherLogits, distill, evaluate, recalibrate_bn
 from spaces import SearchSpace
 
 __all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "continue_trial", "build_student",
-           "sensitivity_cache", "FINETUNE_LR"]
+           "sensitivity_cache", "latency_cache", "FINETUNE_LR"]
 
 # Peak SGD learning rate of the fine-tune (5% warm-up, then cosine to zero). Measured on the default run's
 # teacher (ResNet-18, Fashion-MNIST, 150 steps of 32, 2,000 val images): allocate@300 MFLOPs reached
@@ -103,10 +103,24 @@ class TrialContext:
         return self.sensitivity.scores() if self.sensitivity is not None else None
 
 
-def measure_trial_latency(ctx: TrialContext, student: nn.Module, label: str) -> dict:
-    """The student's latency next to the teacher's (search.latency), logged; {} when ``GKPD_LATENCY=0``."""
+def measure_trial_latency(ctx: TrialContext, student: nn.Module, label: str, *,
+                          predicted_ms: float | None = None) -> dict:
+    """The student's latency next to the teacher's (search.latency), logged; {} when ``GKPD_LATENCY=0``.
+
+    With ``--budget-ms`` the torch batch-1 time is measured whatever ``GKPD_LATENCY`` says (the budget is checked
+    on it), and ``predicted_ms`` (the latency table's prediction) is stored and printed beside it.
+    """
+    budget = ctx.config.budget_ms
     if not latency.enabled():
-        return {}
+        if budget is None:
+            return {}
+        b1 = latency.torch_latency({"dense": ctx.teacher, "model": student}, ctx.data.input_shape, batch=1,
+                                   device=ctx.device)
+        measured = {"ms_b1": b1["model"], "dense_ms_b1": b1["dense"], "speedup_b1": b1["dense"] / b1["model"],
+                    "latency_device": latency.describe(ctx.device)}
+        log(f"{label}: latency on {measured['latency_device']}: batch 1 {measured['ms_b1']:.2f} ms "
+            f"({measured['speedup_b1']:.2f}x dense)")
+        return {**measured, **_prediction(measured["ms_b1"], predicted_ms, budget, label)}
     if ctx._dense_session is None:
         ctx._dense_session = latency.ort_session(ctx.teacher, ctx.data.input_shape)
     measured = latency.measure_latency(student, ctx.teacher, ctx.data.input_shape, batch=ctx.config.batch_size,
@@ -115,7 +129,22 @@ def measure_trial_latency(ctx: TrialContext, student: nn.Module, label: str) -> 
         f"({measured['speedup_b1']:.2f}x dense), batch {measured['batch']} {measured['ms_batch']:.1f} ms "
         f"({measured['speedup_batch']:.2f}x); onnxruntime CPU batch 1 {measured['ort_ms_b1']:.2f} ms "
         f"({measured['ort_speedup_b1']:.2f}x)")
-    return measured
+    return {**measured, **_prediction(measured["ms_b1"], predicted_ms, budget, label)}
+
+
+def _prediction(measured_ms: float, predicted_ms: float | None, budget_ms: float | None, label: str) -> dict:
+    """The latency table's prediction next to the measurement, logged (with ``--budget-ms``)."""
+    if predicted_ms is None:
+        return {}
+    over = f"; OVER --budget-ms {budget_ms:g} as measured" if budget_ms is not None and measured_ms > budget_ms else ""
+    log(f"{label}: latency predicted {predicted_ms:.2f} ms, measured {measured_ms:.2f} ms at batch 1 "
+        f"({100 * (predicted_ms / measured_ms - 1):+.1f}% prediction error){over}")
+    return {"predicted_ms_b1": predicted_ms}
+
+
+def latency_cache(config: SearchConfig) -> Path:
+    """Where per-layer latency tables are kept across studies (search.latency_table): beside the teacher cache."""
+    return config.cache_dir / "latency" if config.cache_dir is not None else default_cache_dir() / "latency"
 
 
 def sensitivity_cache(config: SearchConfig) -> Path:
@@ -205,7 +234,7 @@ def run_trial(
         atomic_save(student.state_dict(), checkpoint)
     seconds = time.perf_counter() - start
     log(f"{label}: val {val:.2%}, test {test:.2%} after {steps} fine-tune steps ({duration(seconds)})")
-    measured = measure_trial_latency(ctx, student, label)
+    measured = measure_trial_latency(ctx, student, label, predicted_ms=expected.ms)
     return TrialResult(val, test, screen, mflops, params / 1e6, steps, seconds, measured)
 
 
@@ -239,5 +268,5 @@ def continue_trial(
         atomic_save(student.state_dict(), checkpoint)
     seconds = time.perf_counter() - start
     log(f"{label}: val {val:.2%}, test {test:.2%} after {steps} more fine-tune steps ({duration(seconds)})")
-    measured = measure_trial_latency(ctx, student, label)
+    measured = measure_trial_latency(ctx, student, label, predicted_ms=ctx.space.cost(plan).ms)
     return TrialResult(val, test, float("nan"), mflops, params / 1e6, steps, seconds, measured)

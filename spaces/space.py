@@ -11,10 +11,10 @@ import torch.nn as nn
 
 from gkpd import KroneckerSpec, LayerInfo, Plan, compressible_layers, count_macs, count_params
 from spaces import knapsack
-from spaces.candidates import Candidate, LayerSpace, SpectrumCache, family, make_candidate, pareto, thin
+from spaces.candidates import DENSE, Candidate, LayerSpace, SpectrumCache, family, make_candidate, pareto, thin
 from spaces.presets import PRESETS, UNIFORM_RATIOS, UNIFORM_RULES, a_shapes, multi_rank_grid, multi_shapes, rank_grid
 
-__all__ = ["Cost", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES", "Scores"]
+__all__ = ["Cost", "LatencyTable", "SearchSpace", "build_space", "DEFAULT_MAX_CANDIDATES", "Scores"]
 
 # Per-layer score of a candidate that allocate/repair minimize instead of the weighted relative error, e.g. a
 # measured loss interpolated over the layer's candidates (search.sensitivity). Layers not named keep the error.
@@ -26,10 +26,12 @@ _MIXES = 11  # with both budgets: Lagrangian cost mixes tried, from all-MACs to 
 
 @dataclass(frozen=True)
 class Cost:
-    """Whole-model cost of one forward pass on one sample: exact MACs (fvcore "flops") and parameters."""
+    """Whole-model cost of one forward pass on one sample: exact MACs (fvcore "flops") and parameters, and the
+    predicted milliseconds at batch 1 when the space has a :class:`LatencyTable` (None otherwise)."""
 
     macs: int
     params: int
+    ms: float | None = None
 
     @property
     def mflops(self) -> float:
@@ -41,7 +43,24 @@ class Cost:
         return self.params / 1e6
 
     def __str__(self) -> str:
-        return f"{self.mflops:.2f} MFLOPs (MACs), {self.mparams:.3f} M params"
+        ms = f", {self.ms:.2f} ms predicted" if self.ms is not None else ""
+        return f"{self.mflops:.2f} MFLOPs (MACs), {self.mparams:.3f} M params{ms}"
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured milliseconds at batch 1 on one device: ``layers`` maps each searchable layer to the time of each
+    of its candidates (by key, "dense" included), timed alone on the layer's input; ``remainder_ms`` is the rest
+    of the dense model (its whole time minus its searchable layers' dense times). A plan's predicted latency is
+    ``remainder_ms`` plus the time of each layer's chosen candidate (search.latency_table builds it)."""
+
+    remainder_ms: float
+    layers: Mapping[str, Mapping[str, float]]
+    device: str = ""
+
+    def dense_ms(self) -> float:
+        """The prediction for the dense model (equal to its measured time, by the remainder's definition)."""
+        return self.remainder_ms + sum(times[DENSE] for times in self.layers.values())
 
 
 class SearchSpace:
@@ -62,6 +81,22 @@ class SearchSpace:
         self._baseline = baseline
         self._spectra = spectra
         self._uniform = uniform  # rule -> layer -> candidate at each of UNIFORM_RATIOS (dense where not cheaper)
+        self.latency: LatencyTable | None = None  # set_latency: what an ms budget is checked against
+
+    def set_latency(self, table: LatencyTable) -> None:
+        """Predict latency with ``table`` (it must time every candidate of every searchable layer)."""
+        for name, layer in self.layers.items():
+            missing = [c.key for c in layer.candidates if c.key not in table.layers.get(name, {})]
+            if missing:
+                raise ValueError(f"latency table lacks layer {name!r} candidate {missing[0]!r}")
+        self.latency = table
+
+    def _ms(self, name: str, candidate: Candidate) -> float:
+        assert self.latency is not None
+        times = self.latency.layers[name]
+        if candidate.key not in times:  # a spec outside the candidate lists: no timing, predict it as dense
+            return times[DENSE]
+        return times[candidate.key]
 
     def __repr__(self) -> str:
         sizes = [len(layer.candidates) for layer in self.layers.values()]
@@ -116,11 +151,16 @@ class SearchSpace:
     def cost(self, plan: Mapping[str, KroneckerSpec]) -> Cost:
         """Whole-model cost of ``kroneckerize(model, plan)``, exactly as ``gkpd.count_macs`` / ``count_params``."""
         macs, params = self._baseline.macs, self._baseline.params
-        for name, candidate in self._resolve(plan).items():
+        resolved = self._resolve(plan)
+        for name, candidate in resolved.items():
             dense = self.layers[name].dense
             macs += candidate.macs - dense.macs
             params += candidate.params - dense.params
-        return Cost(macs, params)
+        if self.latency is None:
+            return Cost(macs, params)
+        ms = self.latency.remainder_ms + sum(self._ms(name, resolved.get(name, layer.dense))
+                                             for name, layer in self.layers.items())
+        return Cost(macs, params, ms)
 
     def error(self, plan: Mapping[str, KroneckerSpec], *, weights: Mapping[str, float] | None = None) -> float:
         """Total weighted approximation error: ``Σ weight[layer] · relative Frobenius error`` (weights default 1)."""
@@ -128,18 +168,34 @@ class SearchSpace:
         return sum(w[name] * candidate.error for name, candidate in self._resolve(plan).items())
 
     def min_cost(self) -> Cost:
-        """Least MACs and least params any plan reaches (each minimized on its own: one plan need not reach both)."""
+        """Least MACs, least params (and least predicted ms) any plan reaches, each minimized on its own: one plan
+        need not reach them all."""
         macs, params = self._baseline.macs, self._baseline.params
         for layer in self.layers.values():
             macs += min(c.macs for c in layer.candidates) - layer.dense.macs
             params += min(c.params for c in layer.candidates) - layer.dense.params
-        return Cost(macs, params)
+        if self.latency is None:
+            return Cost(macs, params)
+        ms = self.latency.remainder_ms + sum(min(self._ms(name, c) for c in layer.candidates)
+                                             for name, layer in self.layers.items())
+        return Cost(macs, params, ms)
 
-    def check_budget(self, *, mflops: float | None = None, mparams: float | None = None) -> None:
-        """``ValueError`` (one line) unless each given budget lies in [minimum reachable, dense baseline)."""
-        if mflops is None and mparams is None:
-            raise ValueError("give a budget: mflops (millions of MACs) and/or mparams (millions of parameters)")
+    def check_budget(self, *, mflops: float | None = None, mparams: float | None = None,
+                     ms: float | None = None) -> None:
+        """``ValueError`` (one line) unless each given budget lies in [minimum reachable, dense baseline); an ms
+        budget needs a latency table (``set_latency``) and only a minimum: the fastest plan's predicted time."""
+        if mflops is None and mparams is None and ms is None:
+            raise ValueError("give a budget: mflops (millions of MACs), mparams (millions of parameters) and/or ms")
         low, base = self.min_cost(), self._baseline
+        if ms is not None:
+            if self.latency is None:
+                raise ValueError("an ms budget needs the space's latency table (set_latency)")
+            if not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0:
+                raise ValueError(f"ms budget must be a positive number, got {ms!r}")
+            if ms < low.ms:
+                where = f" on {self.latency.device}" if self.latency.device else ""
+                raise ValueError(f"ms budget {ms:g} is below the fastest plan this space can make: {low.ms:.3f} ms "
+                                 f"predicted (batch 1{where}; the dense model: {self.latency.dense_ms():.3f} ms)")
         for what, value, least, dense, unit in (
             ("mflops", mflops, low.mflops, base.mflops, "MFLOPs (fvcore MACs)"),
             ("mparams", mparams, low.mparams, base.mparams, "M params"),
@@ -157,15 +213,15 @@ class SearchSpace:
     # -- feasible plans ----------------------------------------------------------------------------------------
 
     def repair(self, plan: Mapping[str, KroneckerSpec], *, mflops: float | None = None,
-               mparams: float | None = None, weights: Mapping[str, float] | None = None,
+               mparams: float | None = None, ms: float | None = None, weights: Mapping[str, float] | None = None,
                scores: Scores | None = None) -> Plan:
         """A plan within budget: greedily move layers to cheaper candidates, least added error per unit of overrun
         removed first. A plan already within budget comes back unchanged. Specs that are not candidates are
         accepted (their cost and error are computed); a layer that is moved gets a candidate. ``scores`` replace
         the weighted error of the layers they name."""
-        self.check_budget(mflops=mflops, mparams=mparams)
+        self.check_budget(mflops=mflops, mparams=mparams, ms=ms)
         current = self._resolve(plan)
-        if self._fits(self.cost(plan), mflops, mparams):
+        if self._fits(self.cost(plan), mflops, mparams, ms):
             return dict(plan)
         names = list(self.layers)
         options = [list(self.layers[n].candidates) for n in names]
@@ -175,21 +231,22 @@ class SearchSpace:
             if chosen not in opts:
                 opts.append(chosen)  # an outside spec stays available: repair may keep it
             selection.append(opts.index(chosen))
-        problem = self._problem(names, options, mflops, mparams, weights, scores)
+        problem = self._problem(names, options, mflops, mparams, weights, scores, ms=ms)
         selection = knapsack.repair(problem, torch.tensor(selection))
         return self._plan(names, options, selection)
 
-    def allocate(self, *, mflops: float | None = None, mparams: float | None = None,
+    def allocate(self, *, mflops: float | None = None, mparams: float | None = None, ms: float | None = None,
                  weights: Mapping[str, float] | None = None, scores: Scores | None = None,
                  families: Iterable[str] | None = None) -> Plan:
         """The feasible plan of least total weighted error, or of least total score (multiple-choice knapsack).
 
         Lagrangian relaxation (per layer argmin error + λ·cost, λ bisected to the smallest feasible value), then
         repair, then the leftover budget is spent greedily. With both budgets, the cost is a mix
-        ``θ·MACs/budget + (1-θ)·params/budget``, solved for 11 values of θ; the least-error result is kept.
+        ``θ·MACs/budget + (1-θ)·params/budget``, solved for 11 values of θ; the least-error result is kept. An
+        ms budget (predicted by the latency table) is one more cost, mixed in the same way.
         ``families`` (e.g. ``{"cp"}``, see ``spaces.candidates.family``) limits every layer to dense and those.
         """
-        self.check_budget(mflops=mflops, mparams=mparams)
+        self.check_budget(mflops=mflops, mparams=mparams, ms=ms)
         names = list(self.layers)
         options = [list(self.layers[n].candidates) for n in names]
         if families is not None:
@@ -198,11 +255,8 @@ class SearchSpace:
             if unknown:
                 raise ValueError(f"no candidate of this space is of family {sorted(unknown)[0]!r}")
             options = [[c for c in opts if c.spec is None or family(c.spec) in allowed] for opts in options]
-        problem = self._problem(names, options, mflops, mparams, weights, scores)
-        if mflops is not None and mparams is not None:
-            mixes = [torch.tensor([t / (_MIXES - 1), 1 - t / (_MIXES - 1)], dtype=torch.float64) for t in range(_MIXES)]
-        else:
-            mixes = [torch.ones(1, dtype=torch.float64)]
+        problem = self._problem(names, options, mflops, mparams, weights, scores, ms=ms)
+        mixes = _mixes(sum(b is not None for b in (mflops, mparams, ms)))
         return self._plan(names, options, knapsack.solve(problem, mixes))
 
     # -- uniform (paper-style) plans -----------------------------------------------------------------------------
@@ -226,15 +280,15 @@ class SearchSpace:
         return {name: row[index].spec for name, row in table.items() if row[index].spec is not None}
 
     def uniform_for_budget(self, *, mflops: float | None = None, mparams: float | None = None,
-                           rule: str = "paper") -> Plan:
+                           ms: float | None = None, rule: str = "paper") -> Plan:
         """The uniform plan with the largest ratio that fits the budgets (all ratios are tried: there are 25)."""
-        self.check_budget(mflops=mflops, mparams=mparams)
+        self.check_budget(mflops=mflops, mparams=mparams, ms=ms)
         self._uniform_table(rule)
         for ratio in UNIFORM_RATIOS:
             plan = self.uniform(ratio, rule=rule)
-            if self._fits(self.cost(plan), mflops, mparams):
+            if self._fits(self.cost(plan), mflops, mparams, ms):
                 return plan
-        raise ValueError(f"no uniform {rule!r} plan fits the budget (mflops={mflops}, mparams={mparams}); "
+        raise ValueError(f"no uniform {rule!r} plan fits the budget (mflops={mflops}, mparams={mparams}, ms={ms}); "
                          f"the smallest costs {self.cost(self.uniform(UNIFORM_RATIOS[-1], rule=rule))}")
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -277,12 +331,13 @@ class SearchSpace:
         return w
 
     @staticmethod
-    def _fits(cost: Cost, mflops: float | None, mparams: float | None) -> bool:
-        return (mflops is None or cost.macs <= mflops * 1e6) and (mparams is None or cost.params <= mparams * 1e6)
+    def _fits(cost: Cost, mflops: float | None, mparams: float | None, ms: float | None = None) -> bool:
+        return ((mflops is None or cost.macs <= mflops * 1e6) and (mparams is None or cost.params <= mparams * 1e6)
+                and (ms is None or cost.ms <= ms))
 
     def _problem(self, names: list[str], options: list[list[Candidate]], mflops: float | None,
                  mparams: float | None, weights: Mapping[str, float] | None,
-                 scores: Scores | None = None) -> knapsack.Problem:
+                 scores: Scores | None = None, *, ms: float | None = None) -> knapsack.Problem:
         w = self._weights(weights)
         unknown = sorted(set(scores or {}) - set(self.layers))
         if unknown:
@@ -292,6 +347,12 @@ class SearchSpace:
         budgets = tuple(b * 1e6 for b in (mflops, mparams) if b is not None)
         fixed = tuple(getattr(self._baseline, u) - sum(getattr(self.layers[n].dense, u) for n in names) for u in units)
         costs = [[tuple(getattr(c, u) for u in units) for c in opts] for opts in options]
+        if ms is not None:  # the knapsack's costs are integers: predicted milliseconds in nanoseconds
+            assert self.latency is not None
+            budgets += (ms * 1e6,)
+            fixed += (round(self.latency.remainder_ms * 1e6),)
+            costs = [[(*row, round(self._ms(n, c) * 1e6)) for row, c in zip(rows, opts)]
+                     for n, rows, opts in zip(names, costs, options)]
         score = {n: (scores[n] if scores and n in scores else lambda c, n=n: w[n] * c.error) for n in names}
         errors = [[float(score[n](c)) for c in opts] for n, opts in zip(names, options)]
         return knapsack.Problem(costs, errors, fixed, budgets)
@@ -300,6 +361,18 @@ class SearchSpace:
     def _plan(names: list[str], options: list[list[Candidate]], selection: torch.Tensor) -> Plan:
         chosen = (opts[int(i)] for opts, i in zip(options, selection))
         return {name: c.spec for name, c in zip(names, chosen) if c.spec is not None}
+
+
+def _mixes(budgets: int) -> list[torch.Tensor]:
+    """Lagrangian cost mixes: one budget alone, or ``_MIXES`` mixes of two (all to the first ... all to the
+    second); three budgets: every split of them in tenths (the least-error result is kept)."""
+    if budgets == 1:
+        return [torch.ones(1, dtype=torch.float64)]
+    steps = _MIXES - 1
+    if budgets == 2:
+        return [torch.tensor([t / steps, 1 - t / steps], dtype=torch.float64) for t in range(_MIXES)]
+    return [torch.tensor([i / steps, j / steps, (steps - i - j) / steps], dtype=torch.float64)
+            for i in range(_MIXES) for j in range(_MIXES - i)]
 
 
 def _listed(items: list[str], limit: int = 6) -> str:
