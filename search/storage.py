@@ -80,6 +80,11 @@ def is_local_file(url: str) -> bool:
     return url.startswith(("sqlite:", "journal:"))
 
 
+# What the loser of a race to create a new database's tables is told, on PostgreSQL and on SQLite (whose
+# Alembic version row is unique).
+CREATE_RACES = ("already exists", "duplicate key", "unique constraint failed")
+
+
 def open_storage(url: str, *, create: bool = True) -> optuna.storages.BaseStorage:
     """An Optuna storage with heartbeats, so a killed worker's trial is failed instead of RUNNING forever.
 
@@ -113,9 +118,10 @@ def open_storage(url: str, *, create: bool = True) -> optuna.storages.BaseStorag
             return storage
         except Exception as err:  # sqlalchemy raises many types here: bad scheme, no driver, refused connection
             text = str(err).lower()
-            if attempt < STORAGE_ATTEMPTS and ("already exists" in text or "duplicate key" in text):
+            if attempt < STORAGE_ATTEMPTS and any(race in text for race in CREATE_RACES):
                 # Workers starting together on a new database race to create Optuna's tables (SQLAlchemy's
-                # create_all checks, then creates); the loser finds them there on the next try.
+                # create_all checks, then creates; Alembic stamps its one version row): the loser finds them
+                # there on the next try.
                 time.sleep(0.2 + random.random())
                 continue
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

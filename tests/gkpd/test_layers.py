@@ -235,40 +235,50 @@ def test_auto_measures_once_per_setting_and_stays_exact(monkeypatch: pytest.Monk
     assert calls[2:] == [((2, 8, 8, 8), True), ((1, 8, 8, 8), True)]
 
 
-def _fake_paths(seconds: dict[str, float], calls: list[tuple[str, int]]):
-    """A `run` for _measure_path whose paths take fixed times per row, recording (path, rows) per call."""
+def _fake_paths(seconds: dict[str, float], calls: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch):
+    """A `run` for _measure_path whose paths take fixed times per row, recording (path, rows) per call.
+
+    The times are read from a fake clock, not slept: on a loaded machine a sleep overshoots by more than the
+    few-percent differences these tests compare."""
+    took: list[float] = []
 
     def run(x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: str) -> torch.Tensor:
         calls.append((path, len(x)))
-        time.sleep(seconds[path] * len(x))
+        took.append(seconds[path] * len(x))
         return x.sum() * factors[0].sum() * factors[1].sum()
 
+    def clock(fn) -> float:
+        fn()
+        return took[-1]
+
+    monkeypatch.setattr(gkpd.layers, "_seconds", clock)
     return run
 
 
-def test_auto_probe_keeps_a_far_slower_path_off_the_whole_batch() -> None:
+def test_auto_probe_keeps_a_far_slower_path_off_the_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, int]] = []
     rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
-    run = _fake_paths({"materialized": 2e-5, "factorized": 1e-3}, calls)  # 50x apart
+    run = _fake_paths({"materialized": 2e-5, "factorized": 1e-3}, calls, monkeypatch)  # 50x apart
     assert gkpd.layers._measure_path(rows, (a, b), run) == "materialized"
     probe = gkpd.layers.PROBE_ROWS
     assert calls == [("materialized", probe), ("factorized", probe)] * 2  # warm-ups, then one timing each
 
 
-def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster() -> None:
+def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, int]] = []
     rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
-    run = _fake_paths({"materialized": 3e-4, "factorized": 1.5e-4}, calls)  # 2x apart: both go on
+    run = _fake_paths({"materialized": 3e-4, "factorized": 1.5e-4}, calls, monkeypatch)  # 2x apart: both go on
     assert gkpd.layers._measure_path(rows, (a, b), run, repeats=2) == "factorized"
     assert [c for c in calls if c[1] == 64] == [("materialized", 64), ("factorized", 64)] * 3  # interleaved
 
 
 @pytest.mark.parametrize(("factorized", "chosen"), [(0.97, "materialized"), (0.90, "factorized")])
-def test_auto_keeps_the_dense_like_path_unless_factorized_wins_by_the_margin(factorized: float, chosen: str) -> None:
+def test_auto_keeps_the_dense_like_path_unless_factorized_wins_by_the_margin(factorized: float, chosen: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # 3% faster is within the 5% margin (noise): the dense-like path stays; 10% faster wins.
     calls: list[tuple[str, int]] = []
     rows, a, b = torch.ones(8, 2), torch.ones(1, 2), torch.ones(1, 2)
-    run = _fake_paths({"materialized": 2e-3, "factorized": factorized * 2e-3}, calls)
+    run = _fake_paths({"materialized": 2e-3, "factorized": factorized * 2e-3}, calls, monkeypatch)
     assert gkpd.layers.DENSE_MARGIN == 0.05
     assert gkpd.layers._measure_path(rows, (a, b), run, repeats=3) == chosen
 

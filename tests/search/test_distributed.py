@@ -161,13 +161,22 @@ def test_sigterm_is_handled_like_ctrl_c(worker_env, search_args, tmp_path: Path)
 
 def test_workers_starting_together_on_a_new_postgresql_database_all_open_it(postgres_url, tmp_path: Path) -> None:
     """Four processes open a fresh database at the same instant (they race to create Optuna's tables)."""
+    _open_together(postgres_url, tmp_path)
+
+
+def test_workers_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path: Path) -> None:
+    """The same race on SQLite: the loser is told "UNIQUE constraint failed: alembic_version.version_num"."""
+    _open_together(f"sqlite:///{tmp_path / 'study.db'}", tmp_path)
+
+
+def _open_together(url: str, tmp_path: Path) -> None:
     go = tmp_path / "go"
     code = ("import pathlib, sys, time\n"
             "from search.storage import open_storage\n"
             "pathlib.Path(sys.argv[1] + '.ready' + sys.argv[3]).touch()\n"
             "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.01)\n"
             "open_storage(sys.argv[2])\n")
-    openers = [subprocess.Popen([sys.executable, "-c", code, str(go), postgres_url, str(i)], cwd=REPO_ROOT,
+    openers = [subprocess.Popen([sys.executable, "-c", code, str(go), url, str(i)], cwd=REPO_ROOT,
                                 stderr=subprocess.PIPE, text=True) for i in range(4)]
     wait_for(lambda: len(list(tmp_path.glob("go.ready*"))) == 4, "four processes ready", timeout=120, poll=0.1)
     go.touch()
