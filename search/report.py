@@ -138,6 +138,13 @@ def _plot(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, budget: flo
     if budget is not None:
         ax.axvline(budget, ls="--", c="C1", label=f"budget {budget:g}")
     ax.set_xlabel(unit)
+    _save_plot(fig, ax, path)
+
+
+def _save_plot(fig, ax, path: Path) -> None:
+    """The plots' common finish: accuracy axis, grid, legend, written atomically as PNG."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -173,12 +180,7 @@ def _plot_latency(trials: pd.DataFrame, pareto: pd.DataFrame, path: Path, *, tea
             ax.scatter([done[dense].median()], [100 * teacher["val_accuracy"]], marker="*", s=140, c=color,
                        edgecolors="k", label=f"teacher (dense, {what})", zorder=4)
     ax.set_xlabel("latency at batch 1 (ms, median of 5)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    _save_plot(fig, ax, path)
 
 
 def _latency_devices(study: optuna.Study) -> str:
