@@ -157,6 +157,31 @@ def test_distill_should_stop() -> None:
     assert math.isfinite(result["final_loss"])
 
 
+def test_training_returns_the_weights_in_the_default_layout_even_when_stopped_by_an_error() -> None:
+    """Training runs channels_last; the model it returns is laid out like one built or loaded here (a teacher
+    trained in this process and one read from the cache must time alike at batch 1)."""
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def layouts(model: nn.Module) -> list[bool]:
+        return [p.is_contiguous() for p in model.parameters() if p.dim() == 4]
+
+    data, teacher = _tiny_data(), net(0)
+    train_teacher(teacher, data, steps=2, batch_size=16, lr=0.1, device="cpu", seed=0)
+    assert layouts(teacher) == [True, True]
+    student = net(1)
+
+    def interrupted(step: int, total: int, loss: float) -> None:
+        assert not student[2].weight.is_contiguous()  # channels_last while it trains
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(student, teacher, data, steps=5, batch_size=16, lr=0.05, device="cpu", seed=0, progress=interrupted)
+    assert layouts(student) == [True, True]
+
+
 def test_distill_raises_on_nan_loss() -> None:
     student = _small_net(2)
     with torch.no_grad():
