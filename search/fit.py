@@ -212,7 +212,7 @@ def fit_factors(
 def summarize(results: Sequence[LayerFit]) -> str:
     """One line: how many layers the fit improved and the mean held-out error before and after."""
     if not results:
-        return "no Kronecker layers"
+        return "no layer refitted (a Kronecker layer over FIT_MAX_MACS per evaluation keeps its SVD factors)"
     kept = sum(r.kept for r in results)
     before = sum(r.before for r in results) / len(results)
     after = sum(r.after for r in results) / len(results)

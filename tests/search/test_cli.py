@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import gkpd
+from search.cli import main
 from search.export import load_exported
 from search.models import create_model
 
@@ -27,6 +30,34 @@ BUDGET = 25.0  # resnet20 on 1x28x28 is 31.3 MFLOPs dense
 def search(args: list[str], env: dict[str, str], *, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO_ROOT / "search.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., subprocess.CompletedProcess]:
+    """``cli(args, env, cwd=...)``: ``search.py args`` run in this process (no interpreter start and imports: seconds
+    per call), with ``env`` as the whole environment; its exit status and what it printed. The entry point itself
+    runs as a real process in the whole-search tests and in test_the_entry_point_prints_one_line_and_exits_2."""
+    def run(args: list[str], env: dict[str, str], *, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        handler, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+        with monkeypatch.context() as patch:
+            for key in set(os.environ) - set(env):
+                patch.delenv(key)
+            for key, value in env.items():
+                patch.setenv(key, value)
+            if cwd is not None:
+                patch.chdir(cwd)
+            capsys.readouterr()
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            finally:  # main() installs its SIGTERM handler; a search may set torch's threads
+                signal.signal(signal.SIGTERM, handler)
+                torch.set_num_threads(threads)
+            printed = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, printed.out, printed.err)
+    return run
 
 
 def one_line_error(done: subprocess.CompletedProcess, says: str, *, status: int = 2) -> str:
@@ -89,14 +120,14 @@ def test_second_invocation_resumes_the_same_study(finished_run) -> None:
     assert len(seeds) == len(set(seeds))
 
 
-def test_report_and_export_subcommands_reread_the_study(finished_run) -> None:
+def test_report_and_export_subcommands_reread_the_study(finished_run, cli) -> None:
     out, _, env = finished_run
     before = digest(out / "study.db")
-    report = search(["report", "--out", str(out)], env)
+    report = cli(["report", "--out", str(out)], env)
     assert report.returncode == 0, report.stderr
     assert "Pareto frontier" in report.stdout
     trial = int(json.loads((out / "best/plan.json").read_text())["meta"]["trial"])
-    export = search(["export", "--out", str(out), "--trial", str(trial)], env)
+    export = cli(["export", "--out", str(out), "--trial", str(trial)], env)
     assert export.returncode == 0, export.stderr
     assert json.loads((out / "best/plan.json").read_text())["meta"]["trial"] == trial
     assert digest(out / "study.db") == before
@@ -116,7 +147,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("change, says", BAD_INPUTS, ids=[" ".join(c) for c, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_the_run_stays_intact(finished_run, change, says, tmp_path) -> None:
+def test_bad_input_is_one_line_exit_2_and_the_run_stays_intact(finished_run, change, says, tmp_path, cli) -> None:
     out, args, env = finished_run
     before = {p.name: digest(p) for p in (out / "study.db", out / "best/plan.json", out / "best/model.pt")}
     merged = [*args, "--out", str(tmp_path / "fresh")]  # a new run (the same --out belongs to the finished study)
@@ -125,7 +156,7 @@ def test_bad_input_is_one_line_exit_2_and_the_run_stays_intact(finished_run, cha
             merged[merged.index(change[i]) + 1] = change[i + 1]
         else:
             merged += change[i:i + 2]
-    done = search(merged, {**env, "GKPD_OFFLINE": "1"})
+    done = cli(merged, {**env, "GKPD_OFFLINE": "1"})
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0], done.stderr
@@ -134,7 +165,16 @@ def test_bad_input_is_one_line_exit_2_and_the_run_stays_intact(finished_run, cha
     assert {p.name: digest(p) for p in (out / "study.db", out / "best/plan.json", out / "best/model.pt")} == before
 
 
-def test_no_budget_missing_data_and_bad_checkpoints(finished_run, tmp_path: Path) -> None:
+def test_the_entry_point_prints_one_line_and_exits_2(finished_run, tmp_path: Path) -> None:
+    """The real ``python search.py`` (the tests above call its main() in-process): one line on stderr, status 2."""
+    _, args, env = finished_run
+    merged = [*args, "--out", str(tmp_path / "fresh")]
+    merged[merged.index("--model") + 1] = "resnet9000"
+    assert "resnet9000" in one_line_error(search(merged, {**env, "GKPD_OFFLINE": "1"}), "unknown model")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_no_budget_missing_data_and_bad_checkpoints(finished_run, tmp_path: Path, cli) -> None:
     out, args, env = finished_run
     env = {**env, "GKPD_OFFLINE": "1"}
     no_budget = [a for a in args if a not in ("--budget-mflops", "25")]
@@ -152,35 +192,35 @@ def test_no_budget_missing_data_and_bad_checkpoints(finished_run, tmp_path: Path
         ([*args[:-2], "--teacher", str(wrong), "--out", str(tmp_path / "o3")], "layer"),
     ]
     for argv, says in cases:
-        done = search(argv, env)
+        done = cli(argv, env)
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 2 and len(lines) == 1 and says in lines[0], (argv, done.stderr[-2000:])
 
 
-def test_resuming_with_another_model_dataset_or_budget_is_refused(finished_run) -> None:
+def test_resuming_with_another_model_dataset_or_budget_is_refused(finished_run, cli) -> None:
     out, args, env = finished_run
     name = json.loads((out / "run.json").read_text())["study_name"]
     before = digest(out / "study.db")
     for change in (["--model", "resnet32"], ["--budget-mflops", "20"], ["--dataset", "mnist"]):
         merged = [*args, "--study-name", name]
         merged[merged.index(change[0]) + 1] = change[1]
-        done = search(merged, {**env, "GKPD_OFFLINE": "1"})
+        done = cli(merged, {**env, "GKPD_OFFLINE": "1"})
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 2 and len(lines) == 1 and "was created with" in lines[0], done.stderr[-2000:]
     assert digest(out / "study.db") == before
 
 
-def test_a_second_study_in_the_same_out_is_refused_and_the_run_stays_intact(finished_run) -> None:
+def test_a_second_study_in_the_same_out_is_refused_and_the_run_stays_intact(finished_run, cli) -> None:
     """Checkpoints, run.json and the report belong to one study: another study gets its own --out."""
     out, args, env = finished_run
     before = {p.relative_to(out).as_posix(): digest(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    done = search([*args, "--study-name", "another", "--budget-mflops", "20"], {**env, "GKPD_OFFLINE": "1"})
+    done = cli([*args, "--study-name", "another", "--budget-mflops", "20"], {**env, "GKPD_OFFLINE": "1"})
     line = one_line_error(done, f"--out {out} belongs to study")
     assert "--study-name" in line and "another" in line
     assert {p.relative_to(out).as_posix(): digest(p) for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
-def test_checkpoints_are_kept_per_study_and_export_refuses_one_that_was_overwritten(finished_run, tmp_path) -> None:
+def test_checkpoints_are_kept_per_study_and_export_refuses_one_that_was_overwritten(finished_run, tmp_path, cli) -> None:
     out, _, env = finished_run
     name = json.loads((out / "run.json").read_text())["study_name"]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
@@ -192,11 +232,11 @@ def test_checkpoints_are_kept_per_study_and_export_refuses_one_that_was_overwrit
     shutil.copytree(out, copy)
     first, second = done[0], done[1]
     shutil.copy(copy / second.user_attrs["checkpoint"], copy / first.user_attrs["checkpoint"])
-    export = search(["export", "--out", str(copy), "--trial", str(first.number)], env)
+    export = cli(["export", "--out", str(copy), "--trial", str(first.number)], env)
     one_line_error(export, f"is not the checkpoint trial {first.number} wrote")
 
 
-def test_a_copied_run_directory_reports_and_exports_its_own_study_from_any_directory(finished_run, tmp_path) -> None:
+def test_a_copied_run_directory_reports_and_exports_its_own_study_from_any_directory(finished_run, tmp_path, cli) -> None:
     """run.json and the checkpoints are relative to the run directory; the original is moved away meanwhile."""
     out, _, env = finished_run
     shutil.copytree(out, tmp_path / "copy")
@@ -204,10 +244,10 @@ def test_a_copied_run_directory_reports_and_exports_its_own_study_from_any_direc
     away = out.with_name(out.name + "-away")
     out.rename(away)
     try:
-        report = search(["report", "--out", "copy"], env, cwd=tmp_path)
+        report = cli(["report", "--out", "copy"], env, cwd=tmp_path)
         assert report.returncode == 0, report.stderr[-2000:]
         assert "best/" not in report.stdout.splitlines()[-1]  # nothing exported in the copy yet
-        export = search(["export", "--out", "copy"], env, cwd=tmp_path)
+        export = cli(["export", "--out", "copy"], env, cwd=tmp_path)
         assert export.returncode == 0, export.stderr[-2000:]
     finally:
         away.rename(out)
@@ -217,7 +257,7 @@ def test_a_copied_run_directory_reports_and_exports_its_own_study_from_any_direc
 
 
 def test_resuming_with_other_evaluation_settings_or_another_teacher_is_refused_before_training(
-    finished_run, tmp_path: Path
+    finished_run, tmp_path: Path, cli
 ) -> None:
     """What changes the space or how trials are evaluated is the study's identity, checked before any training."""
     out, args, env = finished_run
@@ -238,15 +278,15 @@ def test_resuming_with_other_evaluation_settings_or_another_teacher_is_refused_b
             merged[merged.index(change[0]) + 1] = change[1]
         else:
             merged += change
-        one_line_error(search(merged, env), says)
+        one_line_error(cli(merged, env), says)
     # A deleted teacher cache: training a new teacher would give a different one, so nothing is trained.
     empty = tmp_path / "cache"
-    one_line_error(search(args, {**env, "GKPD_CACHE": str(empty)}), "that is not here")
+    one_line_error(cli(args, {**env, "GKPD_CACHE": str(empty)}), "that is not here")
     assert not empty.exists()
     assert digest(out / "study.db") == before
 
 
-def test_bad_input_in_a_new_run_fails_before_the_teacher_is_trained(finished_run, tmp_path: Path) -> None:
+def test_bad_input_in_a_new_run_fails_before_the_teacher_is_trained(finished_run, tmp_path: Path, cli) -> None:
     _, args, env = finished_run
     cache = tmp_path / "cache"
     env = {**env, "GKPD_OFFLINE": "1", "GKPD_CACHE": str(cache)}
@@ -266,7 +306,7 @@ def test_bad_input_in_a_new_run_fails_before_the_teacher_is_trained(finished_run
                 merged[merged.index(change[i]) + 1] = change[i + 1]
             else:
                 merged += change[i:i + 2]
-        one_line_error(search(merged, env), says)
+        one_line_error(cli(merged, env), says)
     assert not cache.exists(), "no teacher was trained"
     assert not (tmp_path / "new").exists()
 
@@ -281,17 +321,17 @@ STUDY_FILES = [
 
 
 @pytest.mark.parametrize("line, says", STUDY_FILES, ids=[line for line, _ in STUDY_FILES])
-def test_study_file_values_are_type_checked(tmp_path: Path, line: str, says: str) -> None:
+def test_study_file_values_are_type_checked(tmp_path: Path, line: str, says: str, cli) -> None:
     study = tmp_path / "study.toml"
     study.write_text(f'model = "resnet20"\nbudget-mflops = 25\n{line}\n'.replace("budget-mflops = 25\nbudget", "budget"))
-    done = search(["--study-file", str(study), "--out", str(tmp_path / "out")], {**os.environ, "GKPD_OFFLINE": "1"})
+    done = cli(["--study-file", str(study), "--out", str(tmp_path / "out")], {**os.environ, "GKPD_OFFLINE": "1"})
     one_line_error(done, says)
 
 
 @pytest.mark.parametrize("text", ["", "{not json", '{"storage": null}'])
-def test_report_with_an_empty_or_garbage_run_json_is_one_line(tmp_path: Path, text: str) -> None:
+def test_report_with_an_empty_or_garbage_run_json_is_one_line(tmp_path: Path, text: str, cli) -> None:
     (tmp_path / "run.json").write_text(text)
-    one_line_error(search(["report", "--out", str(tmp_path)], dict(os.environ)), "not a run record")
+    one_line_error(cli(["report", "--out", str(tmp_path)], dict(os.environ)), "not a run record")
 
 
 def test_finetune_continues_the_best_trial_exports_it_and_resumes_exactly_after_an_interrupt(
@@ -354,7 +394,7 @@ def test_finetune_continues_the_best_trial_exports_it_and_resumes_exactly_after_
     assert all(torch.equal(a[k], again[k]) for k in a)
 
 
-def test_finetune_bad_input_is_one_line_exit_2(finished_run, tmp_path: Path) -> None:
+def test_finetune_bad_input_is_one_line_exit_2(finished_run, tmp_path: Path, cli) -> None:
     out, _, env = finished_run
     env = {**env, "GKPD_OFFLINE": "1"}
     name = json.loads((out / "run.json").read_text())["study_name"]
@@ -369,6 +409,6 @@ def test_finetune_bad_input_is_one_line_exit_2(finished_run, tmp_path: Path) -> 
     torch.save(create_model("resnet20", in_channels=1, num_classes=10).state_dict(), other)
     cases.append((["--out", str(out), "--teacher", str(other)], "is not the teacher this study compressed"))
     for argv, says in cases:
-        one_line_error(search(["finetune", *argv], env), says)
+        one_line_error(cli(["finetune", *argv], env), says)
     assert digest(out / "study.db") == before
     assert not (out / "finetune").exists()
