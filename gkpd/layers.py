@@ -135,7 +135,8 @@ class _KroneckerBase(nn.Module):
     @property
     def factors(self) -> tuple[torch.Tensor, ...]:
         """The factor parameters, in order: ``[R, *shape_n]`` each."""
-        return tuple(getattr(self, name) for name in FACTOR_NAMES[: self.spec.num_factors])
+        params = self._parameters  # not getattr: nn.Module.__getattr__ is slow on every forward
+        return tuple(params[name] for name in FACTOR_NAMES[: self.spec.num_factors])
 
     def _load_factors(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         with torch.no_grad():
@@ -159,7 +160,8 @@ class _KroneckerBase(nn.Module):
         if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
             self._dense_cache = None
             return reconstruct(*factors)
-        key = tuple((f.data_ptr(), f._version, f.device, f.dtype, f.shape) for f in factors)
+        # New storage (another device, dtype or shape) has another address; an in-place change bumps the version.
+        key = tuple((f.data_ptr(), f._version) for f in factors)
         cached = getattr(self, "_dense_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -170,15 +172,26 @@ class _KroneckerBase(nn.Module):
     def _choose(self, x: torch.Tensor, key: tuple, run) -> Path:
         if self.path != "auto":
             return self.path
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        # The TorchScript-based ONNX exporter traces; torch.export and torch.compile report compiling.
+        if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
             return "factorized"  # exported graphs carry the computation whose cost we report
-        # Batch sizes share a timing per power of two: a last, partial batch must not trigger a new measurement.
-        batch = 1 << max(0, x.shape[0] - 1).bit_length()
-        full_key = (x.device, x.dtype, self.spec, key, batch, x.is_contiguous(memory_format=torch.channels_last),
-                    torch.is_grad_enabled() and self.a.requires_grad)
-        if full_key not in _AUTO_CHOICE:
-            _AUTO_CHOICE[full_key] = _measure_path(x, self.factors, run)
-        return _AUTO_CHOICE[full_key]
+        grad = torch.is_grad_enabled() and self._parameters["a"].requires_grad
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        # This layer's earlier answers first: at batch 1 a forward is well under a millisecond, and building the
+        # shared key (it hashes the spec) every call cost a visible share of it.
+        memo = self.__dict__.get("_auto_memo")
+        if memo is None or memo[0] is not _AUTO_CHOICE:  # none yet, or the shared table was replaced
+            memo = self._auto_memo = (_AUTO_CHOICE, {})
+        local_key = (x.shape, x.dtype, x.device, channels_last, grad)
+        path = memo[1].get(local_key)
+        if path is None:
+            # Batch sizes share a timing per power of two: a last, partial batch must not trigger a new measurement.
+            batch = 1 << max(0, x.shape[0] - 1).bit_length()
+            full_key = (x.device, x.dtype, self.spec, key, batch, channels_last, grad)
+            if full_key not in _AUTO_CHOICE:
+                _AUTO_CHOICE[full_key] = _measure_path(x, self.factors, run)
+            path = memo[1][local_key] = _AUTO_CHOICE[full_key]
+        return path
 
 
 class KroneckerConv2d(_KroneckerBase):
