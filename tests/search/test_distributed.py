@@ -238,8 +238,9 @@ def test_workers_2_on_sqlite(worker_env, search_args, tmp_path: Path) -> None:
 def test_sigkill_mid_trial_then_restart_reaches_the_target(worker_env, search_args, tmp_path: Path) -> None:
     """Completed trials survive; the killed trial is failed by its stale heartbeat and retried once."""
     out, storage, name = tmp_path / "run", f"sqlite:///{tmp_path / 'run' / 'study.db'}", "killed"
-    # Longer fine-tunes so that the trial is still running when the test kills its worker.
-    args = search_args(out, name, 4, "--finetune-steps", "40")
+    # Longer fine-tunes so that the trial is still running when the test kills its worker (and none of them
+    # continued to 4x the steps: --long-finetunes 0; the leaders' continuation has its own test).
+    args = search_args(out, name, 4, "--finetune-steps", "40", "--long-finetunes", "0")
     first = start(args, worker_env, tmp_path / "first.log")
     wait_for(running_after_finished(storage, name, 1), "one finished trial and one running")
     os.killpg(first.pid, signal.SIGKILL)
