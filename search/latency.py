@@ -148,6 +148,34 @@ def _layer_inputs(model: nn.Module, names: Sequence[str], input_shape: Sequence[
     return shapes
 
 
+def layer_inputs_as_timed(model: nn.Module, names: Sequence[str], input_shape: Sequence[int], *,
+                          device: torch.device) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Each named layer's input in the whole-model forward that :func:`torch_latency` times at batch 1: its shape,
+    and whether it is channels_last (True) or in the default layout. Activations take their layout from the
+    input and the weights, and at batch 1 a conv's time depends on it several times over on a CPU, so a layer
+    timed alone must get the layout it gets inside the model."""
+    seen: dict[str, tuple[tuple[int, ...], bool]] = {}
+    modules = dict(model.named_modules())
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # None: the output stays
+            x = args[0]
+            channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            seen.setdefault(name, (tuple(x.shape), channels_last))
+        return hook
+
+    hooks = [modules[name].register_forward_hook(record(name)) for name in names]
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            model.to(device).eval()(_inputs(input_shape, 1, device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 # (layer repr, input shape, threads) -> the faster form on onnxruntime at batch 1, measured once per process.
 _FORM_CHOICE: dict[tuple, Form] = {}
 

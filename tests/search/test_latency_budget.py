@@ -5,6 +5,7 @@ Timers are faked where the assertion is about arithmetic: the real ones are seco
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -179,3 +180,24 @@ def test_a_search_with_an_ms_budget_rejects_the_unreachable_prints_predictions_a
     assert done.note.str.contains("over --budget-ms as measured").all() and not done.feasible.any()
     assert pd.read_csv(tmp_path / "out" / "pareto.csv").empty
     assert not (tmp_path / "out" / "best").exists()
+
+
+def test_each_layer_is_timed_on_the_input_layout_it_gets_inside_the_model(tmp_path: Path, fake_timers) -> None:
+    """At batch 1 a conv's time depends on its input's layout several times over; the model decides the layout."""
+    model = _tiny()
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    seen = latency.layer_inputs_as_timed(model, [*convs, "7"], SHAPE, device=torch.device("cpu"))
+    assert seen == {"0": ((1, 1, 12, 12), False), "2": ((1, 8, 12, 12), False), "4": ((1, 16, 6, 6), False),
+                    "7": ((1, 16), False)}
+    # channels_last weights make a conv's output channels_last (the first conv's (8, 1, 3, 3) weight is the same
+    # either way: one input channel), so the last conv's input is channels_last.
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    seen = latency.layer_inputs_as_timed(model, convs, SHAPE, device=torch.device("cpu"))
+    assert [seen[name][1] for name in convs] == [False, False, True]
+    # The table's keys name the layout, so a layer timed on one layout is never read back for the other.
+    latency_table.build_latency_table(model, build_space(model, SHAPE), device=torch.device("cpu"), cache_dir=tmp_path)
+    keys = [k for k in json.loads(next(tmp_path.glob("*.json")).read_text()) if not k.startswith("model ")]
+    assert {k.split("|")[0].rsplit(" ", 1)[1] for k in keys} == {"nchw", "nhwc"}
+    assert all(" in(1, 16, 6, 6) nhwc|" in k for k in keys if "w(16, 16, 3, 3)" in k)
