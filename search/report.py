@@ -23,9 +23,10 @@ __all__ = ["trials_frame", "pareto_frame", "best_row", "write_report", "format_t
 
 # Measured latency of each completed trial (search.latency), the dense teacher's beside it in the same run.
 LATENCY_COLUMNS = ("ms_b1", "dense_ms_b1", "speedup_b1", "ms_batch", "dense_ms_batch", "speedup_batch", "batch",
-                   "ort_ms_b1", "ort_dense_ms_b1", "ort_speedup_b1", "predicted_ms_b1")
-# With --budget-ms: the latency table's prediction and its error against the measured ms_b1 (search.latency_table).
-PREDICTION_SHOWN = ["predicted_ms_b1", "ms_pred_error"]
+                   "ort_ms_b1", "ort_dense_ms_b1", "ort_speedup_b1", "predicted_ms_b1", "ms_b1_table")
+# With --budget-ms: the latency table's prediction, the measured ms_b1 on the table's scale (ms_b1 x the table's dense
+# time / the dense time measured beside it) and the prediction's error against it (search.trial._prediction).
+PREDICTION_SHOWN = ["predicted_ms_b1", "ms_b1_table", "ms_pred_error"]
 LATENCY_SHOWN = ["ms_b1", "speedup_b1", "speedup_batch", "ort_ms_b1", "ort_speedup_b1"]
 
 UNIT_NOTE = ("MFLOPs are millions of multiply-accumulates (MACs), as fvcore counts them; "
@@ -58,7 +59,8 @@ def trials_frame(study: optuna.Study, *, baseline: dict[str, float]) -> pd.DataF
             "families": families_of(attrs.get("plan", {})),
             "seconds": round(attrs["seconds"], 1) if "seconds" in attrs else None,
             **{key: attrs.get(key) for key in LATENCY_COLUMNS},
-            "ms_pred_error": (attrs["predicted_ms_b1"] / attrs["ms_b1"] - 1
+            # Against the measurement on the table's scale (search.trial._prediction); older trials: ms_b1.
+            "ms_pred_error": (attrs["predicted_ms_b1"] / (attrs.get("ms_b1_table") or attrs["ms_b1"]) - 1
                               if attrs.get("predicted_ms_b1") and attrs.get("ms_b1") else None),
             "note": (attrs.get("stopped") or attrs.get("fail_reason") or attrs.get("over_budget_measured")
                      or _repair_note(attrs)),

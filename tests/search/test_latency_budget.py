@@ -104,7 +104,7 @@ def test_an_over_budget_as_measured_trial_stays_in_trials_csv_and_off_the_fronti
     common = {"mparams": 0.01, "test_accuracy": 0.8, "ms_b1": 4.0, "dense_ms_b1": 5.0, "speedup_b1": 1.25,
               "latency_device": "cpu (2 threads)"}
     study.add_trial(optuna.trial.create_trial(values=[0.9, 1.0], user_attrs={
-        **common, "mflops": 1.0, "predicted_ms_b1": 3.0, "ms_b1": 6.0,
+        **common, "mflops": 1.0, "predicted_ms_b1": 3.0, "ms_b1": 6.0, "ms_b1_table": 6.0,
         OVER_MEASURED: "over --budget-ms as measured: 6.00 ms > 5 ms (predicted 3.00)"}))
     study.add_trial(optuna.trial.create_trial(values=[0.8, 1.2], user_attrs={**common, "mflops": 1.2,
                                                                              "predicted_ms_b1": 4.4}))
@@ -117,7 +117,8 @@ def test_an_over_budget_as_measured_trial_stays_in_trials_csv_and_off_the_fronti
     assert rows.loc[0, "ms_pred_error"] == pytest.approx(3.0 / 6.0 - 1)
     assert pd.read_csv(tmp_path / "pareto.csv").predicted_ms_b1.tolist() == [4.4]
     report = (tmp_path / "report.md").read_text()
-    assert "predicted_ms_b1 | ms_pred_error |" in report and "+10.0%" in report
+    # Trial 1 has no ms_b1_table (recorded before it existed): its error is against ms_b1, 4.4 / 4.0 - 1.
+    assert "predicted_ms_b1 | ms_b1_table | ms_pred_error |" in report and "+10.0%" in report
     assert "--budget-ms 5 holds as measured" in report
 
 
@@ -172,14 +173,28 @@ def test_a_search_with_an_ms_budget_rejects_the_unreachable_prints_predictions_a
     captured = capsys.readouterr()
     assert stop.value.code == 0, captured.err[-2000:]
     assert len(fake_timers) == timed  # the table came from the cache
-    assert re.search(r"latency predicted [\d.]+ ms, measured 1000.00 ms at batch 1 \([+-][\d.]+% prediction "
-                     r"error\); OVER --budget-ms 90 as measured", captured.err), captured.err[-3000:]
+    assert re.search(r"latency predicted [\d.]+ ms, measured 1000.00 ms at batch 1 on the table's scale "
+                     r"\(1000.00 ms beside the dense model's 100.00 ms, which the table timed at 100.00 ms; "
+                     r"[+-][\d.]+% prediction error\); OVER --budget-ms 90 as measured", captured.err), captured.err[-3000:]
     trials = pd.read_csv(tmp_path / "out" / "trials.csv")
     done = trials[trials.state == "COMPLETE"]
     assert len(done) == 1 and (done.predicted_ms_b1 <= 90).all() and (done.ms_b1 == 1000).all()
     assert done.note.str.contains("over --budget-ms as measured").all() and not done.feasible.any()
     assert pd.read_csv(tmp_path / "out" / "pareto.csv").empty
     assert not (tmp_path / "out" / "best").exists()
+    # The machine got twice as slow since the table was timed: the dense model now takes 200 ms, the plan 150 ms.
+    # On the table's scale that is 75 ms, within the budget: the budget holds against the machine the table saw.
+    monkeypatch.setattr(latency, "torch_latency", lambda models, input_shape, *, batch, device, repeats=0:
+                        {name: 200.0 if name == "dense" else 150.0 for name in models})
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--budget-ms", "90", "--trials", "1", "--out", str(tmp_path / "slower")])
+    captured = capsys.readouterr()
+    assert stop.value.code == 0, captured.err[-2000:]
+    assert "measured 75.00 ms at batch 1 on the table's scale (150.00 ms beside the dense model's 200.00 ms" \
+        in captured.err
+    done = pd.read_csv(tmp_path / "slower" / "trials.csv").query("state == 'COMPLETE'")
+    assert len(done) == 1 and done.feasible.all() and (done.ms_b1_table == 75.0).all() and (done.ms_b1 == 150).all()
+    assert len(pd.read_csv(tmp_path / "slower" / "pareto.csv")) == 1 and (tmp_path / "slower" / "best").is_dir()
 
 
 def test_each_layer_is_timed_on_the_input_layout_it_gets_inside_the_model(tmp_path: Path, fake_timers) -> None:
