@@ -9,7 +9,7 @@ model (stem, batch norms, pooling, layers the space keeps dense) is the dense mo
 searchable layers' dense times. A plan's predicted latency is that remainder plus its layers' chosen times
 (``spaces.LatencyTable``); each trial prints the prediction next to the end-to-end measurement.
 
-Timings are cached on disk (``<cache dir>/<device>-torch<version>-<threads>t.json``, the cache dir beside the
+Timings are cached on disk (``<cache dir>/<device>-torch<version>-<threads>t-v<format>.json``, the cache dir beside the
 teachers: ``search.trial.latency_cache``), one entry per
 layer geometry and candidate, and the dense model's time per model: a later study on the same machine, or
 another model with the same layer shapes, times nothing again.
@@ -39,6 +39,9 @@ __all__ = ["TABLE_REPEATS", "build_latency_table", "time_calls", "table_path", "
 
 TABLE_REPEATS = 3  # rounds per layer (median): enough for a budget, cheap enough for a few hundred candidates
 ROUND_S = 0.003  # each candidate's calls are looped to about this long per round (timer resolution)
+# In the file name: a table timed by older code is not read. 2: Kronecker layers rebuild a contiguous dense weight
+# (a channels_last-strided one made the materialized candidates of some factor shapes time differently).
+TABLE_FORMAT = 2
 
 
 def time_calls(fns: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
@@ -49,7 +52,8 @@ def time_calls(fns: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
 def table_path(cache_dir: Path, device: torch.device) -> Path:
     """One file per device, torch version and thread count: timings from elsewhere never mix in."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-torch{torch.__version__}-{torch.get_num_threads()}t")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_",
+                  f"{name}-torch{torch.__version__}-{torch.get_num_threads()}t-v{TABLE_FORMAT}")
     return cache_dir / f"{slug}.json"
 
 
