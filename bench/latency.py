@@ -7,6 +7,7 @@ path), and onnxruntime on the CPU at batch 1 of the fast form (each layer factor
 whichever runs faster there). Latency does not depend on the weights, so an untrained model is fine.
 
     python bench/latency.py [--model resnet18] [--budgets 300 200 120] [--batch 32] [--threads 2]
+    python bench/latency.py --plan runs/resnet18-fashion-mnist-300mflops/best/plan.json   # a search's plan
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=(300.0, 200.0, 120.0), help="MFLOPs budgets")
     parser.add_argument("--batch", type=int, default=32, help="the second torch batch size (default 32)")
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
+    parser.add_argument("--plan", type=Path, action="append", default=[],
+                        help="time this plan file (gkpd.load_plan; repeatable) instead of the budgets' allocations")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.batch < 1 or min(args.budgets) <= 0:
         parser.error("--threads, --batch and every budget must be positive")
@@ -51,17 +54,22 @@ def main(argv: list[str] | None = None) -> None:
           f"{f'torch b{args.batch} ms':>12} {'speedup':>7} | {'ort b1 ms':>9} {'speedup':>7} {'folded':>6} | dense ms: "
           f"b1 / b{args.batch} / ort b1")
     dense_session = latency.ort_session(dense, shape)
-    for budget in args.budgets:
-        plan = space.allocate(mflops=budget)
+    try:
+        plans = [(f"{gkpd.count_mflops(gkpd.kroneckerize(dense, p), shape):.0f}*", p) for p in map(gkpd.load_plan, args.plan)]
+    except (OSError, ValueError, KeyError) as err:
+        parser.error(f"--plan: {err}")
+    for budget, plan in plans or [(f"{b:g}", space.allocate(mflops=b)) for b in args.budgets]:
         model = gkpd.kroneckerize(dense, plan).eval()
         mflops = gkpd.count_mflops(model, shape)
         m = latency.measure_latency(model, dense, shape, batch=args.batch, device=torch.device("cpu"),
                                     dense_session=dense_session)
         folded = sum(form == "dense" for form in latency.fast_forms(model, shape).values())
-        print(f"{budget:>7g} {mflops:>7.1f} {base / mflops:>6.2f} {len(plan):>6} | {m['ms_b1']:>11.2f} "
+        print(f"{budget:>7} {mflops:>7.1f} {base / mflops:>6.2f} {len(plan):>6} | {m['ms_b1']:>11.2f} "
               f"{m['speedup_b1']:>7.2f} | {m['ms_batch']:>12.1f} {m['speedup_batch']:>7.2f} | {m['ort_ms_b1']:>9.2f} "
               f"{m['ort_speedup_b1']:>7.2f} {folded:>6} | {m['dense_ms_b1']:.2f} / {m['dense_ms_batch']:.1f} / "
               f"{m['ort_dense_ms_b1']:.2f}", flush=True)
+    if plans:
+        print("* a --plan file's own cost (no budget)")
     print(f"total {time.perf_counter() - start:.0f} s; load average at start {load[0]:.1f}, "
           f"at end {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
 

@@ -17,7 +17,7 @@ import gkpd
 from search import latency
 from search.files import unique_dir
 
-__all__ = ["export_model", "export_onnx", "load_exported"]
+__all__ = ["export_model", "export_onnx", "load_exported", "ort_line"]
 
 
 # onnxruntime may differ from PyTorch by float32 rounding, which grows with the logits' size: the check allows
@@ -44,6 +44,13 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> tup
         expected = model(x).numpy()
     got = session.run(None, {"input": x.numpy()})[0]
     return float(np.abs(got - expected).max()), float(np.abs(expected).max())
+
+
+def ort_line(summary: dict) -> str:
+    """The export's log line of its measured onnxruntime latency, next to the dense model's."""
+    return (f"export: onnxruntime CPU, batch 1, {torch.get_num_threads()} threads, median of {latency.REPEATS}: "
+            f"model.onnx {summary['ort_ms_b1']:.2f} ms, dense model {summary['ort_dense_ms_b1']:.2f} ms "
+            f"({summary['ort_speedup_b1']:.2f}x)")
 
 
 def export_model(

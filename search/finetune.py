@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import gkpd
 from search.data import load_data
-from search.export import export_model
+from search.export import export_model, ort_line
 from search.files import atomic_save
 from search.models import create_model, load_checkpoint
 from search.progress import duration, log
@@ -35,7 +35,8 @@ from search.trial import FINETUNE_LR
 
 __all__ = ["finetune_run", "DEFAULT_STEPS", "SAVE_EVERY"]
 
-# About 10 minutes for the default run's best plan (ResNet-18, batch 32) on two CPU cores.
+# The default run's best plan (ResNet-18, batch 32), alone on the 2-core build machine of 2026-11-29: 2,000 steps in
+# 14m44s (0.44 s a step), 88.60 -> 89.25% val; the issue asked for about 10 minutes (1,400 steps there), not re-measured.
 DEFAULT_STEPS = 2000
 SAVE_EVERY = 100
 
@@ -151,7 +152,7 @@ def finetune_run(out: Path, *, trial: int | None = None, steps: int = DEFAULT_ST
         "mflops": gkpd.count_mflops(student, shape), "mparams": gkpd.count_params(student) / 1e6,
         "budget": info["budget"], "unit": "mflops = fvcore MACs / 1e6", "finetune": record,
     }
-    summary = export_model(student, plan, out / "best", input_shape=shape, meta=meta)
+    summary = export_model(student, plan, out / "best", input_shape=shape, meta=meta, dense=teacher_model.cpu())
     write_report(study, out, objective=info["objective"], budget=info["budget"].get(info["objective"]),
                  teacher=info["teacher"], run=info)
     t = info["teacher"]
@@ -162,6 +163,7 @@ def finetune_run(out: Path, *, trial: int | None = None, steps: int = DEFAULT_ST
         raise SearchFailed(f"export: ONNX failed ({summary['onnx_error']}); {out / 'best'} holds plan.json and "
                            "model.pt")
     log(f"export: -> {out / 'best'} (plan.json, model.pt, model.onnx)")
+    log(ort_line(summary))
     return 0
 
 

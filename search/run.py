@@ -23,8 +23,7 @@ from optuna.trial import TrialState
 import gkpd
 from search.config import SearchConfig
 from search.data import load_data
-from search import latency
-from search.export import export_model
+from search.export import export_model, ort_line
 from search.files import atomic_text, create_text
 from search.models import check_input_shape, check_weights, create_model
 from search.progress import Eta, log
@@ -389,9 +388,7 @@ def do_export(study: optuna.Study, info: dict[str, Any], out: Path, number: int,
         f"{len(summary['forms']) - folded} Kronecker layers factorized, {folded} folded into dense convs; "
         f"onnxruntime max |diff| {summary['onnx_max_abs_diff']:.2e} at logits up to "
         f"{summary['onnx_max_abs_logit']:.3g})")
-    log(f"export: onnxruntime CPU, batch 1, {torch.get_num_threads()} threads, median of {latency.REPEATS}: "
-        f"model.onnx {summary['ort_ms_b1']:.2f} ms, dense model {summary['ort_dense_ms_b1']:.2f} ms "
-        f"({summary['ort_speedup_b1']:.2f}x)")
+    log(ort_line(summary))
 
 
 # -- report and export of an existing run ------------------------------------------------------------------------

@@ -385,6 +385,8 @@ def test_finetune_continues_the_best_trial_exports_it_and_resumes_exactly_after_
     assert evaluate(model, data.val_x, data.val_y, device="cpu") == done["after"]["val_accuracy"]
     assert meta["val_accuracy"] == done["after"]["val_accuracy"]
     assert (straight / "best/model.onnx").is_file()
+    # Its onnxruntime latency is measured next to the dense model's, as a search's export does.
+    assert meta["ort_speedup_b1"] == pytest.approx(meta["ort_dense_ms_b1"] / meta["ort_ms_b1"]) and meta["ort_ms_b1"] > 0
     report = (straight / "report.md").read_text()
     assert "## Final fine-tune (best/)" in report and f"{100 * done['after']['val_accuracy']:.2f}%" in report
     # Run again: the finished fine-tune is re-exported, not trained again.
