@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = tuple(args.input)
     torch.manual_seed(0)
     dense = create_model(args.model, in_channels=shape[0], num_classes=10).eval()
-    space = build_space(dense, shape)
-    base = space.baseline_cost().mflops
+    base = gkpd.count_mflops(dense, shape)
     start, load = time.perf_counter(), os.getloadavg()
     print(f"{args.model} on {'x'.join(map(str, shape))}, {base:.1f} MFLOPs dense; torch {torch.__version__} and "
           f"onnxruntime, {args.threads} threads, median of {latency.REPEATS} interleaved; speedup = dense ms / model ms")
@@ -54,11 +53,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{f'torch b{args.batch} ms':>12} {'speedup':>7} | {'ort b1 ms':>9} {'speedup':>7} {'folded':>6} | dense ms: "
           f"b1 / b{args.batch} / ort b1")
     dense_session = latency.ort_session(dense, shape)
-    try:
-        plans = [(f"{gkpd.count_mflops(gkpd.kroneckerize(dense, p), shape):.0f}*", p) for p in map(gkpd.load_plan, args.plan)]
-    except (OSError, ValueError, KeyError) as err:
-        parser.error(f"--plan: {err}")
-    for budget, plan in plans or [(f"{b:g}", space.allocate(mflops=b)) for b in args.budgets]:
+    if args.plan:
+        try:
+            plans = [("plan*", gkpd.load_plan(path)) for path in args.plan]
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--plan: {err}")
+    else:
+        space = build_space(dense, shape)  # SVDs of every layer: only the budgets' allocations need it
+        plans = [(f"{b:g}", space.allocate(mflops=b)) for b in args.budgets]
+    for budget, plan in plans:
         model = gkpd.kroneckerize(dense, plan).eval()
         mflops = gkpd.count_mflops(model, shape)
         m = latency.measure_latency(model, dense, shape, batch=args.batch, device=torch.device("cpu"),
@@ -68,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{m['speedup_b1']:>7.2f} | {m['ms_batch']:>12.1f} {m['speedup_batch']:>7.2f} | {m['ort_ms_b1']:>9.2f} "
               f"{m['ort_speedup_b1']:>7.2f} {folded:>6} | {m['dense_ms_b1']:.2f} / {m['dense_ms_batch']:.1f} / "
               f"{m['ort_dense_ms_b1']:.2f}", flush=True)
-    if plans:
-        print("* a --plan file's own cost (no budget)")
+    if args.plan:
+        print("* a --plan file, timed at its own cost (no budget)")
     print(f"total {time.perf_counter() - start:.0f} s; load average at start {load[0]:.1f}, "
           f"at end {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
 
