@@ -65,6 +65,7 @@ class SearchConfig:
     storage: str | None = None
     out: Path = Path()
     device: str = "auto"
+    precision: str = "auto"  # of training (search.train.resolve_precision): auto, fp32 or bf16
     seed: int = 0
     preset: str = "default"
     skip: tuple[str, ...] = ()
@@ -100,6 +101,8 @@ class SearchConfig:
             raise ValueError(f"unknown --backend {self.backend!r}: allowed {', '.join(BACKENDS)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown --device {self.device!r}: allowed auto, cpu, cuda (or cuda:N)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"unknown --precision {self.precision!r}: allowed auto, fp32, bf16")
         if not 0 <= self.prune_margin <= 1:
             raise ValueError(f"--prune-margin must be in [0, 1], got {self.prune_margin:g}")
         if self.weights is not None and self.teacher is not None:

@@ -30,7 +30,7 @@ from search.report import best_row, write_report
 from search.run import SearchFailed, open_run, resolve_device
 from search.study import checkpoint_file, file_digest, trial_checkpoint, trial_plan
 from search.teacher import teacher_digest
-from search.train import TeacherLogits, distill, evaluate
+from search.train import TeacherLogits, distill, evaluate, resolve_precision
 from search.trial import FINETUNE_LR
 
 __all__ = ["finetune_run", "DEFAULT_STEPS", "SAVE_EVERY"]
@@ -80,7 +80,7 @@ def _teacher(info: dict[str, Any], identity: dict[str, Any], path: Path | None, 
 
 def finetune_run(out: Path, *, trial: int | None = None, steps: int = DEFAULT_STEPS, lr: float = FINETUNE_LR,
                  teacher: Path | None = None, data_dir: Path | None = None, device: str = "auto",
-                 storage: str | None = None, study_name: str | None = None) -> int:
+                 precision: str = "auto", storage: str | None = None, study_name: str | None = None) -> int:
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     if not lr > 0:
@@ -103,12 +103,15 @@ def finetune_run(out: Path, *, trial: int | None = None, steps: int = DEFAULT_ST
                          f"({shape}, {info['num_classes']} classes); pass the study's --data-dir")
     teacher_model = _teacher(info, identity, teacher, shape, data.num_classes)
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     batch = identity.get("batch_size", 32)
     seed = identity.get("seed", 0) + 2  # batches neither the trial's fine-tune nor a continuation saw first
 
     base = create_model(info["model"], in_channels=shape[0], num_classes=data.num_classes)
     student = gkpd.kroneckerize(base, plan)
     key = {"trial": chosen.number, "steps": steps, "lr": lr, "weights_sha256": file_digest(weights)}
+    if precision != "fp32":  # a state of an fp32 fine-tune keeps its key
+        key["precision"] = precision
     state_path = out / "finetune" / checkpoint_file(study.study_name, chosen.number).relative_to("checkpoints")
     state = _load_state(state_path, key)
     before = {"val_accuracy": chosen.values[0], "test_accuracy": chosen.user_attrs.get("test_accuracy")}
@@ -123,7 +126,7 @@ def finetune_run(out: Path, *, trial: int | None = None, steps: int = DEFAULT_ST
         first = resume["step"] if resume else 0
         log(f"finetune: trial {chosen.number} ({before['val_accuracy']:.2%} val after "
             f"{chosen.user_attrs.get('finetune_steps')} steps): {steps} more distillation steps of {batch} at "
-            f"lr {lr:g}" + (f", resumed at step {first} from {state_path}" if first else ""))
+            f"lr {lr:g}, {precision}" + (f", resumed at step {first} from {state_path}" if first else ""))
         tick = time.perf_counter()
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -138,7 +141,7 @@ def finetune_run(out: Path, *, trial: int | None = None, steps: int = DEFAULT_ST
         state_path.parent.mkdir(parents=True, exist_ok=True)
         distill(student, teacher_model, data, steps=steps, batch_size=batch, lr=lr, device=dev, seed=seed,
                 progress=progress, teacher_logits=TeacherLogits(teacher_model, data.train_x, device=dev),
-                resume=resume, on_save=save, save_every=SAVE_EVERY)
+                resume=resume, on_save=save, save_every=SAVE_EVERY, precision=precision)
         atomic_save({"key": key, "model": student.state_dict(), "done": True}, state_path)
 
     student = student.cpu().eval()

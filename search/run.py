@@ -35,7 +35,7 @@ from search.study import (
     queue_long_finetune, requeue_interrupted_seeds, run_one, seed_plans, study_identity, trial_checkpoint, trial_plan,
 )
 from search.teacher import find_teacher, get_teacher, load_teacher, teacher_cache_path, teacher_digest
-from search.train import evaluate
+from search.train import evaluate, resolve_precision
 from search.latency_table import build_latency_table
 from search.trial import SENSITIVITY, TrialContext, latency_cache
 from spaces import SearchSpace, build_space
@@ -217,7 +217,8 @@ class Prepared:
         if source is not None or config.budget_ms is not None:  # the table: timed above, read from the cache now
             _check_budget(self.space, config, self.teacher, self.device)
         table = study_table_key(self.teacher, self.space, self.data.train_x) if SENSITIVITY else None
-        self.identity = study_identity(config, teacher=digest, space=self.space, sensitivity=table)
+        self.identity = study_identity(config, teacher=digest, space=self.space, sensitivity=table,
+                                       precision=resolve_precision(config.precision, self.device))
         check_identity(self.identity, found, config.study_name)
         if self.storage is None:
             config.out.mkdir(parents=True, exist_ok=True)

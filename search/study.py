@@ -81,10 +81,11 @@ def space_digest(space: SearchSpace) -> str:
 
 
 def study_identity(config: SearchConfig, *, teacher: str, space: SearchSpace,
-                   sensitivity: str | None = None) -> dict[str, Any]:
-    """Everything a trial's result depends on: the settings, the fine-tune rate, the teacher, the space and
-    the sensitivity table that repairs proposals and ranks the seeds (its key; None: not measured)."""
-    return {**config.identity(), "finetune_lr": FINETUNE_LR, "teacher_sha256": teacher,
+                   sensitivity: str | None = None, precision: str = "fp32") -> dict[str, Any]:
+    """Everything a trial's result depends on: the settings, the fine-tune rate and precision (resolved: fp32
+    or bf16), the teacher, the space and the sensitivity table that repairs proposals and ranks the seeds (its
+    key; None: not measured)."""
+    return {**config.identity(), "finetune_lr": FINETUNE_LR, "precision": precision, "teacher_sha256": teacher,
             "space_sha256": space_digest(space), "sensitivity_key": sensitivity}
 
 

@@ -28,7 +28,7 @@ from search.fit import fit_factors, summarize
 from search.progress import duration, log
 from search.sensitivity import SensitivityTable, calibration_images, load_or_measure
 from search.teacher import default_cache_dir
-from search.train import TeacherLogits, distill, evaluate, recalibrate_bn
+from search.train import TeacherLogits, distill, evaluate, recalibrate_bn, resolve_precision
 from spaces import SearchSpace
 
 __all__ = ["TrialContext", "TrialResult", "Rival", "Hopeless", "run_trial", "continue_trial", "build_student",
@@ -90,8 +90,10 @@ class TrialContext:
     sensitivity: SensitivityTable | None = None
     teacher_logits: TeacherLogits = field(init=False)  # filled as trials fine-tune, reused by the next ones
     _dense_session: object = field(init=False, default=None)  # the teacher in onnxruntime, exported once
+    precision: str = field(init=False)  # of the fine-tunes, resolved: fp32 or bf16
 
     def __post_init__(self) -> None:
+        self.precision = resolve_precision(self.config.precision, self.device)
         self.teacher_logits = TeacherLogits(self.teacher, self.data.train_x, device=self.device)
         if self.sensitivity is None and SENSITIVITY:
             self.sensitivity = load_or_measure(self.teacher, self.space, self.data.train_x, self.config.out,
@@ -233,8 +235,11 @@ def run_trial(
             log(f"{label}:   fine-tune step {step}/{steps}  KD loss {loss:.3f}  {duration(time.perf_counter() - start)}")
         if step != halfway:
             return False
+        known = rivals()
+        if _beaten_by(known, cost, 0.0, config.prune_margin, final=True) is None:
+            return False  # no finished trial could stop it at any accuracy: the evaluation would be wasted
         accuracy = evaluate(student, screen_x, screen_y, device=ctx.device)
-        beaten = _beaten_by(rivals(), cost, accuracy, config.prune_margin, final=True)
+        beaten = _beaten_by(known, cost, accuracy, config.prune_margin, final=True)
         if beaten is not None:
             raise Hopeless(f"half-way through fine-tuning {accuracy:.2%}; a finished trial at cost "
                            f"{beaten.cost:.4g} <= {cost:.4g} ended at {beaten.val_accuracy:.2%}", screen)
@@ -242,7 +247,8 @@ def run_trial(
 
     if steps:
         distill(student, ctx.teacher, data, steps=steps, batch_size=config.batch_size, lr=FINETUNE_LR,
-                device=ctx.device, seed=seed, should_stop=should_stop, teacher_logits=ctx.teacher_logits)
+                device=ctx.device, seed=seed, should_stop=should_stop, teacher_logits=ctx.teacher_logits,
+                precision=ctx.precision)
     val = evaluate(student, data.val_x, data.val_y, device=ctx.device)
     test = evaluate(student, data.test_x, data.test_y, device=ctx.device)
     if checkpoint is not None:
@@ -276,7 +282,8 @@ def continue_trial(
                 f"{duration(time.perf_counter() - start)}")
 
     distill(student, ctx.teacher, data, steps=steps, batch_size=config.batch_size, lr=FINETUNE_LR,
-            device=ctx.device, seed=seed, progress=progress, teacher_logits=ctx.teacher_logits)
+            device=ctx.device, seed=seed, progress=progress, teacher_logits=ctx.teacher_logits,
+            precision=ctx.precision)
     val = evaluate(student, data.val_x, data.val_y, device=ctx.device)
     test = evaluate(student, data.test_x, data.test_y, device=ctx.device)
     if checkpoint is not None:

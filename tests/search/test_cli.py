@@ -272,6 +272,11 @@ def test_resuming_with_other_evaluation_settings_or_another_teacher_is_refused_b
         (["--seed", "1"], "seed 0 (this run: 1)"),
         (["--teacher", str(random_teacher)], "teacher_sha256"),
     ]
+    # The other training precision, with the study's own teacher named (a bf16 teacher has its own cache file).
+    attrs = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").user_attrs
+    recorded, own = attrs["identity"], attrs["run"]["teacher_source"]
+    other = "fp32" if recorded["precision"] == "bf16" else "bf16"
+    cases.append((["--precision", other, "--teacher", own], f"precision {recorded['precision']!r} (this run: {other!r})"))
     for change, says in cases:
         merged = [*args]
         if change[0] in merged:
@@ -414,3 +419,14 @@ def test_finetune_bad_input_is_one_line_exit_2(finished_run, tmp_path: Path, cli
         one_line_error(cli(["finetune", *argv], env), says)
     assert digest(out / "study.db") == before
     assert not (out / "finetune").exists()
+
+
+def test_a_bf16_teacher_has_its_own_cache_file_and_an_fp32_one_keeps_its_old_name(tmp_path: Path) -> None:
+    from search.config import SearchConfig
+    from search.teacher import teacher_cache_path
+
+    fp32 = SearchConfig(budget_mflops=300, val_images=5000, precision="fp32", cache_dir=tmp_path)
+    # The file name of the default teacher before precision existed (its recipe hash): old caches stay valid.
+    assert teacher_cache_path(fp32) == tmp_path / "resnet18-fashion-mnist-38df902ff4b0.pt"
+    bf16 = teacher_cache_path(SearchConfig(budget_mflops=300, val_images=5000, precision="bf16", cache_dir=tmp_path))
+    assert bf16.parent == tmp_path and bf16.name.startswith("resnet18-fashion-mnist-") and bf16 != teacher_cache_path(fp32)

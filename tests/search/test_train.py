@@ -276,3 +276,44 @@ def test_an_interrupted_distill_resumed_from_its_state_ends_with_the_same_weight
     assert stats["steps"] == 9
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_precision_auto_is_bf16_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.train import resolve_precision
+
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert resolve_precision("auto", "cpu") == ("bf16" if amx else "fp32")
+        assert resolve_precision("auto", torch.device("cuda")) == "fp32"  # not measured on a GPU: as before
+        assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match=r"precision must be one of .*'fp16'"):
+        resolve_precision("fp16", "cpu")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_bf16_fine_tune_runs_its_convolutions_in_bf16_and_keeps_fp32_weights_and_targets(precision: str) -> None:
+    """Mixed precision: the student's convolutions output bf16 inside the loop, its weights and gradients stay
+    fp32, the cached teacher logits (the targets) are fp32, and the loss still falls. fp32: nothing changes."""
+    data = _tiny_data()
+    teacher = _small_net(1, width=16)
+    train_teacher(teacher, data, steps=40, batch_size=16, lr=0.1, device="cpu", seed=0, precision=precision)
+    student = _small_net(2)
+    seen: set[torch.dtype] = set()
+    student[0].register_forward_hook(lambda m, i, out: seen.add(out.dtype) if m.training else None)
+    logits = TeacherLogits(teacher, data.train_x, device="cpu")
+    before = _kd_loss(student, teacher, data.test_x, 4.0)
+    distill(student, teacher, data, steps=60, batch_size=16, lr=0.05, alpha=1.0, device="cpu", seed=0,
+            teacher_logits=logits, precision=precision)
+    assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert logits.logits is not None and logits.logits.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(logits.logits[:5], teacher.eval()(data.train_x[:5]))  # fp32 teacher, not autocast
+    assert _kd_loss(student, teacher, data.test_x, 4.0) < 0.2 * before
+    assert evaluate(teacher, data.test_x, data.test_y, device="cpu") >= 0.95
+
+
+def test_distill_refuses_an_unresolved_precision() -> None:
+    with pytest.raises(ValueError, match=r"fp32 or bf16 here .*'auto'"):
+        distill(_small_net(2), _small_net(1), _tiny_data(), steps=1, batch_size=16, lr=0.05, device="cpu", seed=0,
+                precision="auto")

@@ -82,7 +82,8 @@ def test_the_frontier_leader_is_continued_to_four_times_the_fine_tune_from_its_c
     student = gkpd.kroneckerize(ctx.teacher, trial_plan(short))
     student.load_state_dict(torch.load(trial_checkpoint(short, tmp_path), weights_only=True))
     distill(student, ctx.teacher, ctx.data, steps=9, batch_size=32, lr=FINETUNE_LR, device="cpu",
-            seed=config.seed + 1, teacher_logits=TeacherLogits(ctx.teacher, ctx.data.train_x, device="cpu"))
+            seed=config.seed + 1, teacher_logits=TeacherLogits(ctx.teacher, ctx.data.train_x, device="cpu"),
+            precision=ctx.precision)
     assert evaluate(student, ctx.data.val_x, ctx.data.val_y, device="cpu") == continued.values[0]
     pairs = fidelity_pairs(study)
     assert list(pairs.trial) == [short.number] and list(pairs.long_val) == [continued.values[0]]
@@ -95,3 +96,42 @@ def test_concordance_counts_pairs_ordered_alike() -> None:
     assert concordance([0.1, 0.2, 0.3], [0.7, 0.6, 0.5]) == (0, 3)
     assert concordance([0.1, 0.2, 0.3], [0.5, 0.7, 0.6]) == (2, 3)
     assert concordance([0.1, 0.1, 0.3], [0.5, 0.7, 0.6]) == (1, 2)  # a tie orders nothing
+
+
+def test_the_stopping_rule_evaluates_half_way_only_when_a_finished_trial_could_stop_the_plan(
+    teacher_cache: Path, tiny_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Known answers of the rule in search/trial.py with --prune-margin 0: a cheaper rival that screened 100%
+    stops the plan at the screen; a cheaper rival that ended at 100% stops it half-way through fine-tuning; a
+    costlier one (or one that ended at 0%) never could, and then the half-way evaluation is skipped."""
+    import search.trial as trial_module
+    from search.trial import Hopeless, Rival, run_trial
+
+    monkeypatch.setenv("GKPD_CACHE", str(teacher_cache))
+    args = [*tiny_args, "--finetune-steps", "4", "--prune-margin", "0", "--out", str(tmp_path)]
+    ctx = Prepared(config_from_args(parse_args(args))).ctx
+    plan = ctx.space.allocate(mflops=25.0, scores=ctx.scores)
+    calls: list[int] = []
+    evaluate = trial_module.evaluate
+
+    def counted(model, x, y, **kwargs):  # noqa: ANN001, ANN202 - the evaluate signature
+        calls.append(len(x))
+        return evaluate(model, x, y, **kwargs)
+
+    monkeypatch.setattr(trial_module, "evaluate", counted)
+
+    def outcome(rival: Rival) -> str:
+        calls.clear()
+        try:
+            run_trial(ctx, plan, label="t", rivals=lambda: [rival])
+        except Hopeless as stopped:
+            return str(stopped).split(";")[0].split(" ")[0]
+        return "completed"
+
+    free = 1e9  # a cost above any plan's
+    assert outcome(Rival(cost=0.0, screen_accuracy=1.0, val_accuracy=0.0)) == "screened" and len(calls) == 1
+    assert outcome(Rival(cost=0.0, screen_accuracy=0.0, val_accuracy=1.0)) == "half-way" and len(calls) == 2
+    assert outcome(Rival(cost=free, screen_accuracy=1.0, val_accuracy=1.0)) == "completed" and len(calls) == 3
+    assert outcome(Rival(cost=0.0, screen_accuracy=0.0, val_accuracy=0.0)) == "completed" and len(calls) == 3
+    # A cheaper rival that ended above 0%: it could stop a plan at 0/128 correct, so the half-way check runs.
+    assert outcome(Rival(cost=0.0, screen_accuracy=0.0, val_accuracy=1e-9)) == "completed" and len(calls) == 4
