@@ -12,6 +12,12 @@ as ratios to the dense conv's, side by side in one run (interleaved, median):
   auto    what path="auto" picks (timed once per setting; factorized only when it beats dense-like by 5%)
 
     python bench/layers.py [--quick] [--threads 2]
+    python bench/layers.py --breakdown    # where the chain's time goes on the rows that fold channels
+
+``--breakdown`` times, for each row whose chain folds channels into the batch (``sep``, ``square``; the SVD-like
+chain is two plain convs), the chain's pieces on their own at batch 64 and 1: its convolutions (on inputs already
+laid out for them) and its permutes (the copies that move the intermediate maps between steps), as ratios to the
+dense conv. The convolutions alone bound what any schedule of this chain can reach with these kernels.
 """
 
 from __future__ import annotations
@@ -125,15 +131,107 @@ def bench_row(shape: ConvShape, spec: KroneckerSpec, batch: int, repeats: int) -
     return {"dense_ms": 1e3 * times["dense"], **{r: times.get(r, math.nan) / times["dense"] for r in ROUTES}}
 
 
+def chain_pieces(x: torch.Tensor, factors: tuple[torch.Tensor, ...], order: str, stride: tuple[int, int],
+                 pads: tuple[int, int, int, int]) -> tuple[list[Callable[[], object]], list[Callable[[], object]]]:
+    """The factorized chain of ``gkpd.factorized_conv2d`` cut into its convolutions and its layout copies, each
+    a function on its own saved input. Checked: run in sequence they give ``factorized_conv2d``'s output."""
+    spec = KroneckerSpec(tuple(math.prod(d) for d in zip(*[f.shape[1:] for f in factors])), rank=factors[0].shape[0],
+                         factor_shapes=[tuple(f.shape[1:]) for f in factors])
+    steps = spec.steps(ConvGeometry(tuple(x.shape[-2:]), stride, pads=pads), order)
+    rank, count, n = spec.rank, len(factors), x.shape[0]
+    top, _, left, _ = pads
+    sizes = [s[1] for s in spec.factor_shapes]
+    y = x.reshape(n, 1, *sizes, *x.shape[-2:])
+    labels: list = ["n", "r", *range(count)]
+    convs: list[Callable[[], object]] = []
+    copies: list[Callable[[], object]] = []
+
+    def copy(t: torch.Tensor, perm: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        copies.append(lambda: t.permute(*perm).reshape(shape))
+        return t.permute(*perm).reshape(shape)
+
+    for i, step in enumerate(steps):
+        m = step["factor"]
+        weight = factors[m]
+        f_m, c_m = weight.shape[1], weight.shape[2]
+        first, last = i == 0, i == count - 1
+        others = [j for j in range(count) if j != m]
+        layout = ["n", *others, "r", m]
+        perm = [labels.index(a) for a in layout] + [len(labels), len(labels) + 1]
+        batch = n * math.prod(sizes[j] for j in others)
+        y = copy(y, perm, (batch, (1 if first else rank) * c_m, *y.shape[-2:]))
+        if first:
+            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), 1
+        elif last:
+            kernel, groups = weight.transpose(0, 1).reshape(f_m, rank * c_m, *weight.shape[3:]), 1
+        else:
+            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), rank
+        conv_in, args = y.contiguous(), dict(stride=step["stride"], padding=(top, left) if first else 0,
+                                             dilation=step["dilation"], groups=groups)
+        convs.append(lambda conv_in=conv_in, kernel=kernel, args=args: torch.nn.functional.conv2d(conv_in, kernel,
+                                                                                                  **args))
+        y = torch.nn.functional.conv2d(conv_in, kernel, **args)
+        sizes[m] = f_m
+        y = y.reshape(n, *(sizes[j] for j in others), 1 if last else rank, f_m, *y.shape[-2:])
+        labels = layout
+    perm = [labels.index(a) for a in ["n", *range(count)]] + [labels.index("r"), len(labels), len(labels) + 1]
+    out = copy(y, perm, (n, spec.weight_shape[0], *y.shape[-2:]))
+    expected = factorized_conv2d(x, *factors, order=order, stride=stride, pads=pads)
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4), "the pieces do not add up to the chain"
+    return convs, copies
+
+
+def breakdown(repeats: int) -> None:
+    """Print, per folding row, the chain and its pieces at batch 64 and 1 as ratios to the dense conv."""
+    print(f"{'shape':<15} {'family':<7} {'A ⊗ B, rank':<24} {'MACs ÷':>6} | batch: chain = convs + copies "
+          f"(each summed over the chain's steps; ratios to dense), dense ms")
+    for shape in SHAPES:
+        for family, target in ROWS:
+            if family == "svd":
+                continue
+            spec = family_spec(shape, family, target)
+            geometry = shape.geometry()
+            torch.manual_seed(0)
+            conv = nn.Conv2d(shape.cin, shape.cout, 3, stride=shape.stride, padding=1, bias=False).eval()
+            factors = KroneckerConv2d.from_conv(conv, spec, path="factorized").factors
+            line = (f"{shape.name:<15} {family:<7} {str(spec):<24} "
+                    f"{spec.dense_macs(geometry) / spec.macs(geometry):>6.2f}")
+            for batch in (64, 1):
+                x = torch.randn(batch, shape.cin, shape.in_hw, shape.in_hw)
+                with torch.inference_mode():
+                    convs, copies = chain_pieces(x, tuple(f.detach() for f in factors), spec.cheaper_order(geometry),
+                                                 conv.stride, (1, 1, 1, 1))
+                    fns = {"dense": lambda: conv(x),
+                           "chain": lambda: factorized_conv2d(x, *factors, order=spec.cheaper_order(geometry),
+                                                              stride=conv.stride, pads=(1, 1, 1, 1)),
+                           **{f"conv{i}": fn for i, fn in enumerate(convs)},
+                           **{f"copy{i}": fn for i, fn in enumerate(copies)}}
+                    t = median_times(fns, repeats)
+                conv_sum = sum(t[f"conv{i}"] for i in range(len(convs))) / t["dense"]
+                copy_sum = sum(t[f"copy{i}"] for i in range(len(copies))) / t["dense"]
+                line += (f" | b{batch}: {t['chain'] / t['dense']:5.2f} = {conv_sum:5.2f} + {copy_sum:5.2f}, "
+                         f"{1e3 * t['dense']:6.2f}")
+            print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time the folding rows' chain piece by piece (convolutions, copies) instead")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
+    if args.breakdown:
+        start, load = time.perf_counter(), os.getloadavg()
+        print(f"torch {torch.__version__}, {args.threads} threads, forward, median of {repeats} interleaved")
+        breakdown(repeats)
+        print(f"total {time.perf_counter() - start:.0f} s; load average at start {load[0]:.1f}, "
+              f"at end {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
+        return
     batches = (64, 1)
     print(f"torch {torch.__version__}, {args.threads} threads, forward, median of {repeats} interleaved; times are "
           f"ratios to the dense conv (below 1: faster). MACs as fvcore counts them.")
