@@ -107,12 +107,21 @@ def ort_session(model: nn.Module, input_shape: Sequence[int]):
 
 
 def open_session(onnx: bytes | str):
-    """An onnxruntime CPU session of an ONNX model (bytes or a file) on as many threads as torch uses."""
+    """An onnxruntime CPU session of an ONNX model (bytes or a file) on as many threads as torch uses, its
+    threads not spinning between runs.
+
+    With spinning (onnxruntime's default) two sessions timed in turn in one process, next to torch's own
+    threads, fought over the 2 cores: four back-to-back medians of the same dense ResNet-18 read 8.3, 5.5, 8.5
+    and 16.4 ms, and one plan's speedup 1.55x, 1.29x, 0.60x, 1.97x. Without: 4.2-4.5 ms, 1.11-1.14x, and the
+    per-layer fast-form choice agreed in 11 of 12 repeats instead of 8 (the default run's plans, alone, on the
+    2-core build machine; `python bench/latency.py` times the same way).
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
 
 

@@ -109,3 +109,11 @@ def test_an_unknown_export_form_is_one_line_and_exit_2(tmp_path: Path, capsys: p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "invalid choice: 'small'" in err and "compact" in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_timed_onnxruntime_sessions_use_torchs_threads_and_do_not_spin() -> None:
+    """Spinning sessions timed in turn fought over the cores (see search.latency.open_session)."""
+    session = latency.ort_session(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), (1, 5, 5))
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == torch.get_num_threads() and options.inter_op_num_threads == 1
