@@ -74,6 +74,8 @@ def factorized_conv2d(
     x, padding = _pad(x, pads)
     if is_plain(spec, steps):
         return _plain_chain(x, factors, steps, padding)
+    if _inner_first_then_1x1(factors, steps):
+        return _inner_first_chain(x, factors, steps, padding)
     sizes = [s[1] for s in spec.factor_shapes]  # current size of each mode
     y = x.reshape(n, 1, *sizes, *x.shape[-2:])
     labels = ["n", "r", *range(count)]  # axis labels before the two spatial axes
@@ -118,6 +120,35 @@ def is_plain(spec: KroneckerSpec, steps: Sequence[dict]) -> bool:
             return False
         sizes[m] = spec.factor_shapes[m][0]
     return True
+
+
+def _inner_first_then_1x1(factors: Sequence[torch.Tensor], steps: Sequence[dict]) -> bool:
+    """Two factors, B (the inner channel digit) first, and A a 1x1 kernel: the chain needs no permute at all.
+
+    E.g. the square split ``a (F1,C1,1,1) ⊗ b (F2,C2,3,3)``. Folding A's channels into the batch is a view of the
+    input (they are the outer digit), and after B's conv the maps sit as ``[N, C1, R, F2, pixels]``, so A's step is
+    one 1x1 conv over the adjacent ``(C1, R)`` axes with ``(F2, pixels)`` as its length: its output is already
+    ``[N, F1, F2, pixels]``, the layer's channel order. The general chain permutes the ``R * F2`` maps before A's
+    step and the output after it.
+    """
+    return (len(factors) == 2 and [step["factor"] for step in steps] == [1, 0]
+            and tuple(factors[0].shape[-2:]) == (1, 1) and tuple(steps[1]["stride"]) == (1, 1))
+
+
+def _inner_first_chain(x: torch.Tensor, factors: Sequence[torch.Tensor], steps: Sequence[dict],
+                       padding: tuple[int, int]) -> torch.Tensor:
+    """The chain of :func:`_inner_first_then_1x1` on ``x [N, C1*C2, H, W]`` (padded as far as needed)."""
+    a, b = factors
+    rank, f1, c1 = a.shape[:3]
+    f2, c2 = b.shape[1], b.shape[2]
+    n = x.shape[0]
+    y = F.conv2d(x.reshape(n * c1, c2, *x.shape[-2:]), b.reshape(rank * f2, c2, *b.shape[3:]),
+                 stride=steps[0]["stride"], padding=padding, dilation=steps[0]["dilation"])
+    ho, wo = y.shape[-2:]
+    # [N*C1, R*F2, Ho, Wo] is [N, C1*R, F2*Ho*Wo]; A as [F1, (C1, R), 1] sums over both in one conv.
+    kernel = a.reshape(rank, f1, c1).permute(1, 2, 0).reshape(f1, c1 * rank, 1)
+    y = F.conv1d(y.reshape(n, c1 * rank, f2 * ho * wo), kernel)
+    return y.reshape(n, f1 * f2, ho, wo)
 
 
 def _plain_chain(x: torch.Tensor, factors: Sequence[torch.Tensor], steps: Sequence[dict],

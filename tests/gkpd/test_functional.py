@@ -132,3 +132,31 @@ def test_a_split_that_folds_channels_is_not_plain() -> None:
     spec = KroneckerSpec((6, 4, 3, 3), (2, 2, 3, 1), 1)
     geometry = ConvGeometry((7, 7), pads=(1, 1, 1, 1))
     assert not any(gkpd.functional.is_plain(spec, spec.steps(geometry, order)) for order in spec.orders())
+
+
+@pytest.mark.parametrize("b_shape, stride, pads", [
+    ((4, 5, 3, 3), (1, 1), (1, 1, 1, 1)),  # the square split
+    ((4, 5, 3, 3), (2, 2), (1, 1, 1, 1)),  # strided: the stride stays on B's step
+    ((4, 5, 3, 1), (1, 2), (1, 0, 0, 0)),  # an asymmetric pad and a 3x1 kernel
+    ((4, 5, 1, 1), (1, 1), (0, 0, 0, 0)),  # both 1x1 (a linear layer's chain)
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_1x1_outer_factor_after_the_inner_one_runs_without_permutes_and_stays_exact(
+    b_shape, stride, pads, channels_last: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """a (F1,C1,1,1) ⊗ b (F2,C2,kh,kw) in order "ba": B's conv on a view of the input, then A as one 1x1 conv over
+    (C1, R), whose output is already in the layer's channel order; no Tensor.permute on the activations."""
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 6, 2, 1, 1, dtype=torch.float64), torch.randn(3, *b_shape, dtype=torch.float64)
+    x = torch.randn(2, 2 * b_shape[1], 9, 8, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    top, bottom, left, right = pads
+    expected = F.conv2d(F.pad(x, (left, right, top, bottom)), reconstruct(a, b), stride=stride)
+    permuted: list[tuple[int, ...]] = []
+    real = torch.Tensor.permute
+    monkeypatch.setattr(torch.Tensor, "permute", lambda t, *dims: permuted.append(tuple(t.shape)) or real(t, *dims))
+    y = factorized_conv2d(x, a, b, stride=stride, pads=pads, order="ba")
+    monkeypatch.undo()
+    torch.testing.assert_close(y, expected, **TOL)
+    assert all(shape == tuple(a.shape[:3]) for shape in permuted)  # only A's [R, F1, C1] view, the kernel
