@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import gkpd.functional  # noqa: E402
 from gkpd import ConvGeometry, KroneckerConv2d, KroneckerSpec, factorized_conv2d, materialized_conv2d  # noqa: E402
 from gkpd.functional import _inner_first_then_1x1  # noqa: E402
 
@@ -135,51 +137,28 @@ def bench_row(shape: ConvShape, spec: KroneckerSpec, batch: int, repeats: int) -
 
 def chain_pieces(x: torch.Tensor, factors: tuple[torch.Tensor, ...], order: str, stride: tuple[int, int],
                  pads: tuple[int, int, int, int]) -> tuple[list[Callable[[], object]], list[Callable[[], object]]]:
-    """The factorized chain of ``gkpd.factorized_conv2d`` cut into its convolutions and its layout copies, each
-    a function on its own saved input. Checked: run in sequence they give ``factorized_conv2d``'s output."""
-    spec = KroneckerSpec(tuple(math.prod(d) for d in zip(*[f.shape[1:] for f in factors])), rank=factors[0].shape[0],
-                         factor_shapes=[tuple(f.shape[1:]) for f in factors])
-    steps = spec.steps(ConvGeometry(tuple(x.shape[-2:]), stride, pads=pads), order)
-    rank, count, n = spec.rank, len(factors), x.shape[0]
-    top, _, left, _ = pads
-    sizes = [s[1] for s in spec.factor_shapes]
-    y = x.reshape(n, 1, *sizes, *x.shape[-2:])
-    labels: list = ["n", "r", *range(count)]
+    """The convolutions and the layout copies of one ``gkpd.factorized_conv2d`` call, each a function that replays
+    it on its own saved input: the chain is run once with ``conv2d`` and ``Tensor.permute`` recorded."""
     convs: list[Callable[[], object]] = []
     copies: list[Callable[[], object]] = []
+    conv2d, permute = torch.nn.functional.conv2d, torch.Tensor.permute
 
-    def copy(t: torch.Tensor, perm: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-        copies.append(lambda: t.permute(*perm).reshape(shape))
-        return t.permute(*perm).reshape(shape)
+    def recorded_conv2d(inp: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        saved = inp.contiguous()  # laid out for the conv, as the chain's reshape left it
+        convs.append(lambda: conv2d(saved, weight, *args, **kwargs))
+        return conv2d(inp, weight, *args, **kwargs)
 
-    for i, step in enumerate(steps):
-        m = step["factor"]
-        weight = factors[m]
-        f_m, c_m = weight.shape[1], weight.shape[2]
-        first, last = i == 0, i == count - 1
-        others = [j for j in range(count) if j != m]
-        layout = ["n", *others, "r", m]
-        perm = [labels.index(a) for a in layout] + [len(labels), len(labels) + 1]
-        batch = n * math.prod(sizes[j] for j in others)
-        y = copy(y, perm, (batch, (1 if first else rank) * c_m, *y.shape[-2:]))
-        if first:
-            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), 1
-        elif last:
-            kernel, groups = weight.transpose(0, 1).reshape(f_m, rank * c_m, *weight.shape[3:]), 1
-        else:
-            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), rank
-        conv_in, args = y.contiguous(), dict(stride=step["stride"], padding=(top, left) if first else 0,
-                                             dilation=step["dilation"], groups=groups)
-        convs.append(lambda conv_in=conv_in, kernel=kernel, args=args: torch.nn.functional.conv2d(conv_in, kernel,
-                                                                                                  **args))
-        y = torch.nn.functional.conv2d(conv_in, kernel, **args)
-        sizes[m] = f_m
-        y = y.reshape(n, *(sizes[j] for j in others), 1 if last else rank, f_m, *y.shape[-2:])
-        labels = layout
-    perm = [labels.index(a) for a in ["n", *range(count)]] + [labels.index("r"), len(labels), len(labels) + 1]
-    out = copy(y, perm, (n, spec.weight_shape[0], *y.shape[-2:]))
-    expected = factorized_conv2d(x, *factors, order=order, stride=stride, pads=pads)
-    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4), "the pieces do not add up to the chain"
+    def recorded_permute(t: torch.Tensor, *dims: int) -> torch.Tensor:
+        copies.append(lambda: permute(t, *dims).contiguous())  # what the chain's reshape after it copies
+        return permute(t, *dims)
+
+    functional = gkpd.functional.F
+    gkpd.functional.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "conv2d": recorded_conv2d})
+    torch.Tensor.permute = recorded_permute
+    try:
+        factorized_conv2d(x, *factors, order=order, stride=stride, pads=pads)
+    finally:
+        gkpd.functional.F, torch.Tensor.permute = functional, permute
     return convs, copies
 
 
