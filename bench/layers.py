@@ -14,10 +14,10 @@ as ratios to the dense conv's, side by side in one run (interleaved, median):
     python bench/layers.py [--quick] [--threads 2]
     python bench/layers.py --breakdown    # where the chain's time goes on the rows that fold channels
 
-``--breakdown`` times, for each row whose chain folds channels into the batch (``sep``; the SVD-like chain is two
-plain convs, and the ``square`` split's runs copy-free, so only its whole chain is shown), the chain's pieces on
-their own at batch 64 and 1: its convolutions (on inputs already laid out for them) and its permutes (the copies
-that move the intermediate maps between steps), as ratios to the dense conv. The convolutions alone bound what
+``--breakdown`` times, for each row whose chain folds channels into the batch (``sep``; the SVD-like chain is a
+conv and a batched matmul, and the ``square`` split's runs copy-free, so only its whole chain is shown), the
+chain's pieces on their own at batch 64 and 1: its convolutions (on inputs already laid out for them) and its
+permutes (the copies that move the intermediate maps between steps), as ratios to the dense conv. The convolutions alone bound what
 any schedule of this chain can reach with these kernels.
 """
 
@@ -178,13 +178,13 @@ def breakdown(repeats: int) -> None:
             line = (f"{shape.name:<15} {family:<7} {str(spec):<24} "
                     f"{spec.dense_macs(geometry) / spec.macs(geometry):>6.2f}")
             order = spec.cheaper_order(geometry)
-            if _inner_first_then_1x1(factors, spec.steps(geometry, order)):
+            if _inner_first_then_1x1(spec.factor_shapes, spec.steps(geometry, order)):
                 for batch in (64, 1):
                     x = torch.randn(batch, shape.cin, shape.in_hw, shape.in_hw)
                     with torch.inference_mode():
                         t = median_times({"dense": lambda: conv(x), "chain": lambda: factorized_conv2d(
                             x, *factors, order=order, stride=conv.stride, pads=(1, 1, 1, 1))}, repeats)
-                    line += f" | b{batch}: {t['chain'] / t['dense']:5.2f} (no copies: a view, then a 1x1 conv)"
+                    line += f" | b{batch}: {t['chain'] / t['dense']:5.2f} (no copies: a view, a conv, one batched matmul)"
                 print(line, flush=True)
                 continue
             for batch in (64, 1):

@@ -53,6 +53,7 @@ PROBE_ROWS = 16  # images in the first, cheap timing round of path="auto"
 # "factorized" must beat the dense-like "materialized" by this fraction to be chosen: a near tie is noise, and the
 # dense conv is the one whose speed does not depend on the factor shapes (so auto is never much slower than dense).
 DENSE_MARGIN = 0.05
+TIMED_SECONDS, MAX_CALLS = 2e-3, 16  # a timed round of a path runs it for about this long, in at most this many calls
 
 
 def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, repeats: int = 3,
@@ -64,28 +65,33 @@ def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, re
     out without ever running on the whole input (on CPUs the factorized path of an odd factor shape can be 30x
     slower than dense, and timing it on a batch of 512 once cost more than screening the plan). When both
     paths survive, each is timed on the whole input, interleaved, keeping its least disturbed time (other load
-    only ever adds time) of ``repeats`` after one warm-up call.
+    only ever adds time) of ``repeats`` after one warm-up call; a round of a fast call (batch 1) runs it several
+    times, for about ``TIMED_SECONDS``.
     """
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     training = torch.is_grad_enabled() and factors[0].requires_grad
     factors_ = tuple(f.detach().requires_grad_(training) for f in factors)
 
-    def once(path: Path, rows: torch.Tensor) -> float:
+    def once(path: Path, rows: torch.Tensor, calls: int = 1) -> float:
         def go() -> None:
-            y = run(rows, factors_, path)
-            if training:
-                torch.autograd.grad(y.sum(), factors_)
+            for _ in range(calls):
+                y = run(rows, factors_, path)
+                if training:
+                    torch.autograd.grad(y.sum(), factors_)
             sync()
 
-        return _seconds(go)
+        return _seconds(go) / calls
 
     def timed(paths: tuple[Path, ...], rows: torch.Tensor, times: int) -> dict[Path, float]:
         for path in paths:
             once(path, rows)  # warm-up: allocations, kernel selection (and the dense weight's cache)
-        best = {path: math.inf for path in paths}
+        # A first timed call sizes each path's rounds: a call well under a millisecond (batch 1) is timed over
+        # several, or one scheduler hiccup decides; a slow one stays one call.
+        best = {path: once(path, rows) for path in paths}
+        calls = {path: max(1, min(MAX_CALLS, int(TIMED_SECONDS / max(t, 1e-7)))) for path, t in best.items()}
         for _ in range(times):  # interleaved, so that drift hits both paths alike
             for path in paths:
-                best[path] = min(best[path], once(path, rows))
+                best[path] = min(best[path], once(path, rows, calls[path]))
         return best
 
     def pick(seconds: dict[Path, float]) -> Path:

@@ -223,7 +223,10 @@ class KroneckerSpec:
             others = math.prod(size for j, size in enumerate(sizes) if j != m)
             f_m, c_m = shapes[m][:2]
             macs = others * self.rank * f_m * c_m * math.prod(kernels[m]) * math.prod(hw)
-            steps.append(dict(factor=m, kernel=kernels[m], stride=stride, dilation=dilations[m], out_hw=hw, macs=macs))
+            # A dilation along an axis of kernel size 1 changes nothing but the kernel the backend picks (a 1x1 conv
+            # at dilation 3 took 3x as long at batch 1 on the build machine): it is left at 1 there.
+            dilation = tuple(d if k > 1 else 1 for d, k in zip(dilations[m], kernels[m]))
+            steps.append(dict(factor=m, kernel=kernels[m], stride=stride, dilation=dilation, out_hw=hw, macs=macs))
             sizes[m] = f_m
         return steps
 

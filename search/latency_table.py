@@ -42,7 +42,8 @@ ROUND_S = 0.003  # each candidate's calls are looped to about this long per roun
 # In the file name: a table timed by older code is not read. 2: Kronecker layers rebuild a contiguous dense weight
 # (a channels_last-strided one made the materialized candidates of some factor shapes time differently).
 # 3: a 1x1 outer factor after the inner one runs copy-free (the square split's factorized chain got faster).
-TABLE_FORMAT = 3
+# 4: unpadded 1x1 steps run as one batched matmul, a 1x1 step has no dilation, a chain is planned once per setting.
+TABLE_FORMAT = 4
 
 
 def time_calls(fns: Mapping[str, Callable[[], Any]]) -> dict[str, float]:

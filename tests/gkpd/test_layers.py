@@ -269,8 +269,9 @@ def _fake_paths(seconds: dict[str, float], calls: list[tuple[str, int]], monkeyp
         return x.sum() * factors[0].sum() * factors[1].sum()
 
     def clock(fn) -> float:
+        before = len(took)
         fn()
-        return took[-1]
+        return sum(took[before:])
 
     monkeypatch.setattr(gkpd.layers, "_seconds", clock)
     return run
@@ -282,7 +283,11 @@ def test_auto_probe_keeps_a_far_slower_path_off_the_whole_batch(monkeypatch: pyt
     run = _fake_paths({"materialized": 2e-5, "factorized": 1e-3}, calls, monkeypatch)  # 50x apart
     assert gkpd.layers._measure_path(rows, (a, b), run) == "materialized"
     probe = gkpd.layers.PROBE_ROWS
-    assert calls == [("materialized", probe), ("factorized", probe)] * 2  # warm-ups, then one timing each
+    # Warm-ups, first timings, then one round: the fast path in a loop of ~2 ms (16 rows take 0.32 ms: 6 calls),
+    # the slow one (16 ms) once.
+    assert gkpd.layers.TIMED_SECONDS == 2e-3
+    assert calls == [("materialized", probe), ("factorized", probe)] * 2 + [("materialized", probe)] * 6 + [
+        ("factorized", probe)]
 
 
 def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,7 +295,8 @@ def test_auto_times_close_paths_on_the_whole_batch_and_keeps_the_faster(monkeypa
     rows, a, b = torch.ones(64, 2), torch.ones(1, 2), torch.ones(1, 2)
     run = _fake_paths({"materialized": 3e-4, "factorized": 1.5e-4}, calls, monkeypatch)  # 2x apart: both go on
     assert gkpd.layers._measure_path(rows, (a, b), run, repeats=2) == "factorized"
-    assert [c for c in calls if c[1] == 64] == [("materialized", 64), ("factorized", 64)] * 3  # interleaved
+    # Warm-up, first timing, then two interleaved rounds (19.2 and 9.6 ms a call: one call a round).
+    assert [c for c in calls if c[1] == 64] == [("materialized", 64), ("factorized", 64)] * 4
 
 
 @pytest.mark.parametrize(("factorized", "chosen"), [(0.97, "materialized"), (0.90, "factorized")])
