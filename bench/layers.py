@@ -12,13 +12,12 @@ as ratios to the dense conv's, side by side in one run (interleaved, median):
   auto    what path="auto" picks (timed once per setting; factorized only when it beats dense-like by 5%)
 
     python bench/layers.py [--quick] [--threads 2]
-    python bench/layers.py --breakdown    # where the chain's time goes on the rows that fold channels
+    python bench/layers.py --breakdown    # where each chain's time goes, step by step
 
-``--breakdown`` times, for each row whose chain folds channels into the batch (``sep``; the SVD-like chain is a
-conv and a batched matmul, and the ``square`` split's runs copy-free, so only its whole chain is shown), the
-chain's pieces on their own at batch 64 and 1: its convolutions (on inputs already laid out for them) and its
-permutes (the copies that move the intermediate maps between steps), as ratios to the dense conv. The convolutions alone bound what
-any schedule of this chain can reach with these kernels.
+``--breakdown`` times each row's chain piece by piece at batch 64 and 1: its steps (convolutions and batched
+matmuls, each on an input already laid out for it; the first step also on its own) and its permutes (the copies
+that move the intermediate maps between steps; only chains that fold channels into the batch have any), as ratios
+to the dense conv. The steps alone bound what any schedule of this chain can reach with these kernels.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import gkpd.functional  # noqa: E402
 from gkpd import ConvGeometry, KroneckerConv2d, KroneckerSpec, factorized_conv2d, materialized_conv2d  # noqa: E402
-from gkpd.functional import _inner_first_then_1x1  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -135,73 +133,64 @@ def bench_row(shape: ConvShape, spec: KroneckerSpec, batch: int, repeats: int) -
     return {"dense_ms": 1e3 * times["dense"], **{r: times.get(r, math.nan) / times["dense"] for r in ROUTES}}
 
 
-def chain_pieces(x: torch.Tensor, factors: tuple[torch.Tensor, ...], order: str, stride: tuple[int, int],
-                 pads: tuple[int, int, int, int]) -> tuple[list[Callable[[], object]], list[Callable[[], object]]]:
-    """The convolutions and the layout copies of one ``gkpd.factorized_conv2d`` call, each a function that replays
-    it on its own saved input: the chain is run once with ``conv2d`` and ``Tensor.permute`` recorded."""
-    convs: list[Callable[[], object]] = []
+def chain_pieces(x: torch.Tensor, factors: tuple[torch.Tensor, ...], order, stride, pads
+                 ) -> tuple[list[Callable[[], object]], list[Callable[[], object]]]:
+    """The steps (convolutions and batched matmuls, in order) and the layout copies of one
+    ``gkpd.factorized_conv2d`` call, each a function that replays it on its own saved input: the chain is run once
+    with ``conv2d``, ``torch.bmm`` and ``Tensor.permute`` recorded."""
+    steps: list[Callable[[], object]] = []
     copies: list[Callable[[], object]] = []
-    conv2d, permute = torch.nn.functional.conv2d, torch.Tensor.permute
+    conv2d, bmm, permute = torch.nn.functional.conv2d, torch.bmm, torch.Tensor.permute
 
-    def recorded_conv2d(inp: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        saved = inp.contiguous()  # laid out for the conv, as the chain's reshape left it
-        convs.append(lambda: conv2d(saved, weight, *args, **kwargs))
-        return conv2d(inp, weight, *args, **kwargs)
+    def recorded(op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(inp: torch.Tensor, other: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            saved = inp.contiguous()  # laid out for the step, as the chain's reshape left it
+            steps.append(lambda: op(saved, other, *args, **kwargs))
+            return op(inp, other, *args, **kwargs)
+        return run
 
     def recorded_permute(t: torch.Tensor, *dims: int) -> torch.Tensor:
         copies.append(lambda: permute(t, *dims).contiguous())  # what the chain's reshape after it copies
         return permute(t, *dims)
 
     functional = gkpd.functional.F
-    gkpd.functional.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "conv2d": recorded_conv2d})
-    torch.Tensor.permute = recorded_permute
+    gkpd.functional.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "conv2d": recorded(conv2d)})
+    torch.bmm, torch.Tensor.permute = recorded(bmm), recorded_permute
     try:
         factorized_conv2d(x, *factors, order=order, stride=stride, pads=pads)
     finally:
-        gkpd.functional.F, torch.Tensor.permute = functional, permute
-    return convs, copies
+        gkpd.functional.F, torch.bmm, torch.Tensor.permute = functional, bmm, permute
+    return steps, copies
 
 
 def breakdown(repeats: int) -> None:
-    """Print, per folding row, the chain and its pieces at batch 64 and 1 as ratios to the dense conv."""
-    print(f"{'shape':<15} {'family':<7} {'A ⊗ B, rank':<24} {'MACs ÷':>6} | batch: chain = convs + copies "
-          f"(each summed over the chain's steps; ratios to dense), dense ms")
+    """Print, per row, the chain and its pieces at batch 64 and 1 as ratios to the dense conv."""
+    print(f"{'shape':<15} {'family':<7} {'A ⊗ B, rank':<24} {'MACs ÷':>6} | batch: chain = steps + copies "
+          f"(each summed over the chain; ratios to dense) [the first step alone], dense ms")
     for shape in SHAPES:
         for family, target in ROWS:
-            if family == "svd":
-                continue
             spec = family_spec(shape, family, target)
             geometry = shape.geometry()
+            order = spec.cheaper_order(geometry)
             torch.manual_seed(0)
             conv = nn.Conv2d(shape.cin, shape.cout, 3, stride=shape.stride, padding=1, bias=False).eval()
-            factors = KroneckerConv2d.from_conv(conv, spec, path="factorized").factors
+            factors = tuple(f.detach() for f in KroneckerConv2d.from_conv(conv, spec, path="factorized").factors)
             line = (f"{shape.name:<15} {family:<7} {str(spec):<24} "
                     f"{spec.dense_macs(geometry) / spec.macs(geometry):>6.2f}")
-            order = spec.cheaper_order(geometry)
-            if _inner_first_then_1x1(spec.factor_shapes, spec.steps(geometry, order)):
-                for batch in (64, 1):
-                    x = torch.randn(batch, shape.cin, shape.in_hw, shape.in_hw)
-                    with torch.inference_mode():
-                        t = median_times({"dense": lambda: conv(x), "chain": lambda: factorized_conv2d(
-                            x, *factors, order=order, stride=conv.stride, pads=(1, 1, 1, 1))}, repeats)
-                    line += f" | b{batch}: {t['chain'] / t['dense']:5.2f} (no copies: a view, a conv, one batched matmul)"
-                print(line, flush=True)
-                continue
             for batch in (64, 1):
                 x = torch.randn(batch, shape.cin, shape.in_hw, shape.in_hw)
                 with torch.inference_mode():
-                    convs, copies = chain_pieces(x, tuple(f.detach() for f in factors), spec.cheaper_order(geometry),
-                                                 conv.stride, (1, 1, 1, 1))
+                    steps, copies = chain_pieces(x, factors, order, conv.stride, (1, 1, 1, 1))
                     fns = {"dense": lambda: conv(x),
-                           "chain": lambda: factorized_conv2d(x, *factors, order=spec.cheaper_order(geometry),
-                                                              stride=conv.stride, pads=(1, 1, 1, 1)),
-                           **{f"conv{i}": fn for i, fn in enumerate(convs)},
+                           "chain": lambda: factorized_conv2d(x, *factors, order=order, stride=conv.stride,
+                                                              pads=(1, 1, 1, 1)),
+                           **{f"step{i}": fn for i, fn in enumerate(steps)},
                            **{f"copy{i}": fn for i, fn in enumerate(copies)}}
                     t = median_times(fns, repeats)
-                conv_sum = sum(t[f"conv{i}"] for i in range(len(convs))) / t["dense"]
+                step_sum = sum(t[f"step{i}"] for i in range(len(steps))) / t["dense"]
                 copy_sum = sum(t[f"copy{i}"] for i in range(len(copies))) / t["dense"]
-                line += (f" | b{batch}: {t['chain'] / t['dense']:5.2f} = {conv_sum:5.2f} + {copy_sum:5.2f}, "
-                         f"{1e3 * t['dense']:6.2f}")
+                line += (f" | b{batch}: {t['chain'] / t['dense']:5.2f} = {step_sum:5.2f} + {copy_sum:5.2f} "
+                         f"[{t['step0'] / t['dense']:4.2f}], {1e3 * t['dense']:6.2f}")
             print(line, flush=True)
 
 
@@ -210,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="time the folding rows' chain piece by piece (convolutions, copies) instead")
+                        help="time each row's chain piece by piece (steps, copies) instead")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
