@@ -35,10 +35,17 @@ def _pad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor
     A conv pads symmetric zeros itself without copying the input (measured on 2 CPU cores: the copy made a
     64->64 3x3 conv at batch 64 20-50% slower); only asymmetric pads ("same", even kernel) need ``F.pad``.
     """
+    padding = _conv_padding(pads)
+    if padding is not None:
+        return x, padding
     top, bottom, left, right = pads
-    if top == bottom and left == right:
-        return x, (top, left)
     return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
+def _conv_padding(pads: tuple[int, int, int, int]) -> tuple[int, int] | None:
+    """The ``padding`` a conv does itself for ``pads (top, bottom, left, right)``; None when they are asymmetric."""
+    top, bottom, left, right = pads
+    return (top, left) if top == bottom and left == right else None
 
 
 def factorized_conv2d(
@@ -58,13 +65,14 @@ def factorized_conv2d(
     ``order`` (the factor indices in the sequence applied; "ba"/"ab" for two) defaults to the cheapest.
     """
     # ints: while tracing (ONNX export) sizes are tensors, which would hash by identity
-    spec, steps, route = _chain(tuple(tuple(map(int, f.shape)) for f in factors), (int(x.shape[-2]), int(x.shape[-1])),
-                                tuple(stride), tuple(dilation), tuple(pads), order)
+    spec, steps, route, pointwise = _chain(tuple(tuple(map(int, f.shape)) for f in factors),
+                                           (int(x.shape[-2]), int(x.shape[-1])), tuple(stride), tuple(dilation),
+                                           tuple(pads), order)
     rank, count = spec.rank, len(factors)
     n = x.shape[0]
     x, padding = _pad(x, pads)
     if route == "plain":
-        return _plain_chain(x, factors, steps, padding)
+        return _plain_chain(x, factors, steps, padding, pointwise)
     if route == "inner first":
         return _inner_first_chain(x, factors, steps, padding)
     sizes = [s[1] for s in spec.factor_shapes]  # current size of each mode
@@ -101,8 +109,9 @@ def factorized_conv2d(
 @functools.lru_cache(maxsize=4096)
 def _chain(factor_shapes: tuple[tuple[int, ...], ...], in_hw: tuple[int, int], stride: tuple[int, int],
            dilation: tuple[int, int], pads: tuple[int, int, int, int], order: Order | None
-           ) -> tuple[KroneckerSpec, tuple[dict, ...], str]:
-    """The spec, steps and route ("plain", "inner first" or "general") of a chain, worked out once per setting.
+           ) -> tuple[KroneckerSpec, tuple[dict, ...], str, tuple[bool, ...]]:
+    """The spec, steps and route ("plain", "inner first" or "general") of a chain, worked out once per setting,
+    and for a plain chain which steps are unpadded 1x1 stride-1 convs over all channels (:func:`_pointwise`).
 
     Building the spec and costing every order took about 0.1 ms a call on the build machine (1.5 GHz-class core),
     a quarter of a 64-channel 3x3 conv at batch 1; the answer depends only on shapes and geometry.
@@ -113,10 +122,15 @@ def _chain(factor_shapes: tuple[tuple[int, ...], ...], in_hw: tuple[int, int], s
     geometry = ConvGeometry(in_hw, stride, dilation, pads)
     steps = tuple(spec.steps(geometry, order if order is not None else spec.cheaper_order(geometry)))
     if is_plain(spec, steps):
-        return spec, steps, "plain"
+        first_padding = _conv_padding(pads) or (0, 0)  # asymmetric pads: F.pad does them, the conv none
+        last = len(steps) - 1
+        pointwise = tuple(  # the first and last steps are ungrouped; a middle one is grouped by rank
+            i in (0, last) and tuple(step["kernel"]) == (1, 1) and tuple(step["stride"]) == (1, 1)
+            and (i > 0 or first_padding == (0, 0)) for i, step in enumerate(steps))
+        return spec, steps, "plain", pointwise
     if _inner_first_then_1x1(shapes, steps):
-        return spec, steps, "inner first"
-    return spec, steps, "general"
+        return spec, steps, "inner first", ()
+    return spec, steps, "general", ()
 
 
 def is_plain(spec: KroneckerSpec, steps: Sequence[dict]) -> bool:
@@ -184,7 +198,7 @@ def _pointwise(y: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_chain(x: torch.Tensor, factors: Sequence[torch.Tensor], steps: Sequence[dict],
-                 padding: tuple[int, int]) -> torch.Tensor:
+                 padding: tuple[int, int], pointwise: Sequence[bool]) -> torch.Tensor:
     """The chain of an all-plain factorization (see :func:`is_plain`) on ``x [N, C, H, W]`` as it is: views of the
     factors as kernels, no reshape of the activations (a channels_last input stays channels_last)."""
     rank, count, y = factors[0].shape[0], len(steps), x
@@ -195,11 +209,11 @@ def _plain_chain(x: torch.Tensor, factors: Sequence[torch.Tensor], steps: Sequen
             kernel, groups = weight.transpose(0, 1).reshape(f_m, rank * c_m, *kernel_hw), 1
         else:  # the first maps C_m to R * F_m; a middle one is grouped by rank
             kernel, groups = weight.reshape(rank * f_m, c_m, *kernel_hw), 1 if i == 0 else rank
-        pad = padding if i == 0 else (0, 0)
-        if groups == 1 and tuple(kernel_hw) == (1, 1) and tuple(step["stride"]) == (1, 1) and tuple(pad) == (0, 0):
+        if pointwise[i]:
             y = _pointwise(y, kernel)  # e.g. the SVD-like split's R -> F step, CP's first and last
         else:
-            y = F.conv2d(y, kernel, stride=step["stride"], padding=pad, dilation=step["dilation"], groups=groups)
+            y = F.conv2d(y, kernel, stride=step["stride"], padding=padding if i == 0 else 0,
+                         dilation=step["dilation"], groups=groups)
     return y
 
 

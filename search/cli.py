@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from search.config import BACKENDS, SAMPLERS, SearchConfig
+from search.config import BACKENDS, PRECISIONS, SAMPLERS, SearchConfig
 from search.data import DATASETS
 from search.finetune import DEFAULT_STEPS
 from search.latency import FORMS
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--cache-dir", type=Path, help="where trained teachers are cached, and the sensitivity and "
                        "latency tables beside them (default $GKPD_CACHE/teachers or ~/.cache/gkpd-search/teachers)")
     where.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
-    where.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"),
+    where.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                        help="of training (teacher, fine-tunes): auto is bf16 mixed precision on a CPU with AMX "
                             "(about 2x faster there), fp32 elsewhere; evaluation and export are always fp32 "
                             "(default: %(default)s)")
@@ -196,7 +196,7 @@ def _run_parser(command: str) -> _Parser:
         p.add_argument("--teacher", type=Path, help="the study's teacher (default: where the search found it)")
         p.add_argument("--data-dir", type=Path, help="the study's data (default: where the search found it)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-        p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+        p.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="of the fine-tune: auto is bf16 mixed precision on a CPU with AMX, fp32 elsewhere "
                             "(default: %(default)s)")
     return p

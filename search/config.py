@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SearchConfig", "SAMPLERS", "BACKENDS", "default_study_name"]
+__all__ = ["SearchConfig", "SAMPLERS", "BACKENDS", "PRECISIONS", "default_study_name"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
 BACKENDS = ("optuna", "ray")
+PRECISIONS = ("auto", "fp32", "bf16")  # of training; search.train.resolve_precision says what auto means
 
 
 def default_study_name(model: str, dataset: str, budget_mflops: float | None, budget_mparams: float | None,
@@ -101,8 +102,8 @@ class SearchConfig:
             raise ValueError(f"unknown --backend {self.backend!r}: allowed {', '.join(BACKENDS)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown --device {self.device!r}: allowed auto, cpu, cuda (or cuda:N)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"unknown --precision {self.precision!r}: allowed auto, fp32, bf16")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {self.precision!r}: allowed {', '.join(PRECISIONS)}")
         if not 0 <= self.prune_margin <= 1:
             raise ValueError(f"--prune-margin must be in [0, 1], got {self.prune_margin:g}")
         if self.weights is not None and self.teacher is not None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from search.config import PRECISIONS
 from search.data import DATASETS, DataSplits
 
 __all__ = ["evaluate", "train_teacher", "recalibrate_bn", "distill", "augment_batch", "TeacherLogits", "TrainState",
@@ -102,7 +103,6 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: Device) -> str:
