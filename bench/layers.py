@@ -135,12 +135,12 @@ def bench_row(shape: ConvShape, spec: KroneckerSpec, batch: int, repeats: int) -
 
 def chain_pieces(x: torch.Tensor, factors: tuple[torch.Tensor, ...], order, stride, pads
                  ) -> tuple[list[Callable[[], object]], list[Callable[[], object]]]:
-    """The steps (convolutions and batched matmuls, in order) and the layout copies of one
+    """The steps (convolutions and matmuls, in order) and the layout copies of one
     ``gkpd.factorized_conv2d`` call, each a function that replays it on its own saved input: the chain is run once
-    with ``conv2d``, ``torch.bmm`` and ``Tensor.permute`` recorded."""
+    with ``conv2d``, ``torch.bmm``, ``torch.mm`` and ``Tensor.permute`` recorded."""
     steps: list[Callable[[], object]] = []
     copies: list[Callable[[], object]] = []
-    conv2d, bmm, permute = torch.nn.functional.conv2d, torch.bmm, torch.Tensor.permute
+    conv2d, bmm, mm, permute = torch.nn.functional.conv2d, torch.bmm, torch.mm, torch.Tensor.permute
 
     def recorded(op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def run(inp: torch.Tensor, other: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -155,11 +155,11 @@ def chain_pieces(x: torch.Tensor, factors: tuple[torch.Tensor, ...], order, stri
 
     functional = gkpd.functional.F
     gkpd.functional.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "conv2d": recorded(conv2d)})
-    torch.bmm, torch.Tensor.permute = recorded(bmm), recorded_permute
+    torch.bmm, torch.mm, torch.Tensor.permute = recorded(bmm), recorded(mm), recorded_permute
     try:
         factorized_conv2d(x, *factors, order=order, stride=stride, pads=pads)
     finally:
-        gkpd.functional.F, torch.bmm, torch.Tensor.permute = functional, bmm, permute
+        gkpd.functional.F, torch.bmm, torch.mm, torch.Tensor.permute = functional, bmm, mm, permute
     return steps, copies
 
 

@@ -10,6 +10,7 @@ order is exact; they cost differently.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ from gkpd.decompose import reconstruct
 from gkpd.spec import ConvGeometry, KroneckerSpec, Order
 
 __all__ = [
-    "Path", "PATHS", "kronecker_conv2d", "kronecker_linear", "factorized_conv2d", "materialized_conv2d", "is_plain",
+    "Path", "PATHS", "Chain", "plan", "kronecker_conv2d", "kronecker_linear", "factorized_conv2d",
+    "materialized_conv2d", "is_plain",
 ]
 
 Path = Literal["factorized", "materialized"]
@@ -64,24 +66,84 @@ def factorized_conv2d(
     rank inside one conv (A arranged ``[F_n, R * C_n, kh, kw]``), so no ``R * F`` intermediate is made.
     ``order`` (the factor indices in the sequence applied; "ba"/"ab" for two) defaults to the cheapest.
     """
+    chain = plan(factors, (x.shape[-2], x.shape[-1]), stride, dilation, pads, order)
+    return chain.run(x, chain.kernels(factors))
+
+
+def plan(factors: Sequence[torch.Tensor], in_hw: tuple[int, int], stride: tuple[int, int] = (1, 1),
+         dilation: tuple[int, int] = (1, 1), pads: tuple[int, int, int, int] = (0, 0, 0, 0),
+         order: Order | None = None) -> Chain:
+    """The :class:`Chain` of ``factors`` on ``in_hw`` maps, worked out once per setting (cached)."""
     # ints: while tracing (ONNX export) sizes are tensors, which would hash by identity
-    spec, steps, route, pointwise = _chain(tuple(tuple(map(int, f.shape)) for f in factors),
-                                           (int(x.shape[-2]), int(x.shape[-1])), tuple(stride), tuple(dilation),
-                                           tuple(pads), order)
-    rank, count = spec.rank, len(factors)
-    n = x.shape[0]
-    x, padding = _pad(x, pads)
-    if route == "plain":
-        return _plain_chain(x, factors, steps, padding, pointwise)
-    if route == "inner first":
-        return _inner_first_chain(x, factors, steps, padding)
+    return _chain(tuple(tuple(map(int, f.shape)) for f in factors), (int(in_hw[0]), int(in_hw[1])), tuple(stride),
+                  tuple(dilation), tuple(pads), order)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Chain:
+    """One setting's factorized forward: its spec, its steps in order, and how it runs.
+
+    ``route``: "plain" (every step a plain conv, :func:`is_plain`), "inner first" (:func:`_inner_first_then_1x1`)
+    or "general" (channels folded into the batch between steps). ``pointwise``: per step of a plain chain, whether
+    it is an unpadded 1x1 stride-1 conv over all channels (:func:`_pointwise`). ``padding``: what the first conv
+    pads itself (None: asymmetric pads, done by ``F.pad`` first).
+
+    :meth:`kernels` arranges the factors as the steps' kernels (views where the layout allows, so gradients flow);
+    a layer at inference keeps them between calls. :meth:`run` applies the chain to any batch.
+    """
+
+    spec: KroneckerSpec
+    steps: tuple[dict, ...]
+    route: str
+    pointwise: tuple[bool, ...]
+    pads: tuple[int, int, int, int]
+    padding: tuple[int, int] | None
+
+    def kernels(self, factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Each step's kernel: the first maps ``C_m`` to ``R * F_m`` (``[R*F_m, C_m, kh, kw]``), a middle one is
+        the same grouped by rank, the last sums over the rank (``[F_m, R*C_m, kh, kw]``); the inner-first route's
+        A step sums over ``(C1, R)`` (``[F1, C1*R, 1]``)."""
+        rank, last, kernels = factors[0].shape[0], len(self.steps) - 1, []
+        for i, step in enumerate(self.steps):
+            weight = factors[step["factor"]]
+            f_m, c_m, kernel_hw = weight.shape[1], weight.shape[2], weight.shape[3:]
+            if self.route == "inner first" and i == 1:
+                kernels.append(weight.reshape(rank, f_m, c_m).permute(1, 2, 0).reshape(f_m, c_m * rank, 1))
+            elif i == last:
+                kernels.append(weight.transpose(0, 1).reshape(f_m, rank * c_m, *kernel_hw))
+            else:
+                kernels.append(weight.reshape(rank * f_m, c_m, *kernel_hw))
+        return tuple(kernels)
+
+    def run(self, x: torch.Tensor, kernels: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The chain on ``x [N, C, H, W]`` with :meth:`kernels`; ``bias`` goes into the last conv where it is one."""
+        if self.padding is None:
+            top, bottom, left, right = self.pads
+            x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
+        else:
+            padding = self.padding
+        if self.route == "plain":
+            y = _plain_chain(x, kernels, self.steps, padding, self.pointwise, self.spec.rank, bias)
+            if bias is None or not self.pointwise[-1]:
+                return y  # the bias went into the last conv
+        elif self.route == "inner first":
+            y = _inner_first_chain(x, kernels, self.steps, padding, self.spec)
+        else:
+            y = _general_chain(x, kernels, self.steps, padding, self.spec)
+        # The bias is one add after the sum; fvcore counts no MACs for it, as for a dense conv's bias.
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+
+
+def _general_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], steps: Sequence[dict],
+                   padding: tuple[int, int], spec: KroneckerSpec) -> torch.Tensor:
+    """The chain that folds the other modes' channels into the batch at each step (see :func:`factorized_conv2d`)."""
+    rank, count, n = spec.rank, len(steps), x.shape[0]
     sizes = [s[1] for s in spec.factor_shapes]  # current size of each mode
     y = x.reshape(n, 1, *sizes, *x.shape[-2:])
     labels = ["n", "r", *range(count)]  # axis labels before the two spatial axes
-    for i, step in enumerate(steps):
+    for i, (step, kernel) in enumerate(zip(steps, kernels)):
         m = step["factor"]
-        weight = factors[m]
-        f_m, c_m = weight.shape[1], weight.shape[2]
+        f_m, c_m = spec.factor_shapes[m][:2]
         first, last = i == 0, i == count - 1
         others = [j for j in range(count) if j != m]
         layout = ["n", *others, "r", m]
@@ -90,14 +152,8 @@ def factorized_conv2d(
         y = y.permute(*[labels.index(a) for a in layout], *spatial)
         batch = n * math.prod(sizes[j] for j in others)
         y = y.reshape(batch, (1 if first else rank) * c_m, *y.shape[-2:])
-        if first:
-            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), 1
-        elif last:
-            kernel, groups = weight.transpose(0, 1).reshape(f_m, rank * c_m, *weight.shape[3:]), 1
-        else:
-            kernel, groups = weight.reshape(rank * f_m, c_m, *weight.shape[3:]), rank
         y = F.conv2d(y, kernel, stride=step["stride"], padding=padding if first else 0,
-                     dilation=step["dilation"], groups=groups)
+                     dilation=step["dilation"], groups=1 if first or last else rank)
         sizes[m] = f_m
         y = y.reshape(n, *(sizes[j] for j in others), 1 if last else rank, f_m, *y.shape[-2:])
         labels = layout
@@ -109,9 +165,9 @@ def factorized_conv2d(
 @functools.lru_cache(maxsize=4096)
 def _chain(factor_shapes: tuple[tuple[int, ...], ...], in_hw: tuple[int, int], stride: tuple[int, int],
            dilation: tuple[int, int], pads: tuple[int, int, int, int], order: Order | None
-           ) -> tuple[KroneckerSpec, tuple[dict, ...], str, tuple[bool, ...]]:
-    """The spec, steps and route ("plain", "inner first" or "general") of a chain, worked out once per setting,
-    and for a plain chain which steps are unpadded 1x1 stride-1 convs over all channels (:func:`_pointwise`).
+           ) -> Chain:
+    """The :class:`Chain` of a setting: its spec, steps and route ("plain", "inner first" or "general"), and for a
+    plain chain which steps are unpadded 1x1 stride-1 convs over all channels (:func:`_pointwise`).
 
     Building the spec and costing every order took about 0.1 ms a call on the build machine (1.5 GHz-class core),
     a quarter of a 64-channel 3x3 conv at batch 1; the answer depends only on shapes and geometry.
@@ -121,16 +177,16 @@ def _chain(factor_shapes: tuple[tuple[int, ...], ...], in_hw: tuple[int, int], s
     spec = KroneckerSpec(weight_shape, rank=factor_shapes[0][0], factor_shapes=shapes)
     geometry = ConvGeometry(in_hw, stride, dilation, pads)
     steps = tuple(spec.steps(geometry, order if order is not None else spec.cheaper_order(geometry)))
+    padding = _conv_padding(pads)
     if is_plain(spec, steps):
-        first_padding = _conv_padding(pads) or (0, 0)  # asymmetric pads: F.pad does them, the conv none
+        first_padding = padding or (0, 0)  # asymmetric pads: F.pad does them, the conv none
         last = len(steps) - 1
         pointwise = tuple(  # the first and last steps are ungrouped; a middle one is grouped by rank
             i in (0, last) and tuple(step["kernel"]) == (1, 1) and tuple(step["stride"]) == (1, 1)
             and (i > 0 or first_padding == (0, 0)) for i, step in enumerate(steps))
-        return spec, steps, "plain", pointwise
-    if _inner_first_then_1x1(shapes, steps):
-        return spec, steps, "inner first", ()
-    return spec, steps, "general", ()
+        return Chain(spec, steps, "plain", pointwise, pads, padding)
+    route = "inner first" if _inner_first_then_1x1(shapes, steps) else "general"
+    return Chain(spec, steps, route, (), pads, padding)
 
 
 def is_plain(spec: KroneckerSpec, steps: Sequence[dict]) -> bool:
@@ -161,24 +217,22 @@ def _inner_first_then_1x1(factor_shapes: Sequence[Sequence[int]], steps: Sequenc
             and tuple(factor_shapes[0][-2:]) == (1, 1) and tuple(steps[1]["stride"]) == (1, 1))
 
 
-def _inner_first_chain(x: torch.Tensor, factors: Sequence[torch.Tensor], steps: Sequence[dict],
-                       padding: tuple[int, int]) -> torch.Tensor:
+def _inner_first_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], steps: Sequence[dict],
+                       padding: tuple[int, int], spec: KroneckerSpec) -> torch.Tensor:
     """The chain of :func:`_inner_first_then_1x1` on ``x [N, C1*C2, H, W]`` (padded as far as needed)."""
-    a, b = factors
-    rank, f1, c1 = a.shape[:3]
-    f2, c2 = b.shape[1], b.shape[2]
+    (f1, c1, _, _), (f2, c2, _, _) = spec.factor_shapes
     n = x.shape[0]
-    y = F.conv2d(x.reshape(n * c1, c2, *x.shape[-2:]), b.reshape(rank * f2, c2, *b.shape[3:]),
-                 stride=steps[0]["stride"], padding=padding, dilation=steps[0]["dilation"])
+    y = F.conv2d(x.reshape(n * c1, c2, *x.shape[-2:]), kernels[0], stride=steps[0]["stride"], padding=padding,
+                 dilation=steps[0]["dilation"])
     ho, wo = y.shape[-2:]
     # [N*C1, R*F2, Ho, Wo] is [N, C1*R, F2*Ho*Wo]; A as [F1, (C1, R), 1] sums over both in one conv.
-    kernel = a.reshape(rank, f1, c1).permute(1, 2, 0).reshape(f1, c1 * rank, 1)
-    y = _pointwise(y.reshape(n, c1 * rank, f2 * ho * wo), kernel)
+    y = _pointwise(y.reshape(n, c1 * spec.rank, f2 * ho * wo), kernels[1])
     return y.reshape(n, f1 * f2, ho, wo)
 
 
 def _pointwise(y: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """A 1x1, stride-1, unpadded conv of ``y [N, C, *pixels]`` with ``kernel [F, C, 1(, 1)]``, as one batched matmul.
+    """A 1x1, stride-1, unpadded conv of ``y [N, C, *pixels]`` with ``kernel [F, C, 1(, 1)]``, as one batched matmul
+    (one matmul at batch 1).
 
     The same sum as the conv, in the same MACs (fvcore counts bmm as N*F*C*pixels, as it counts the conv). On the
     2-core build machine (torch 2.14.1, oneDNN) a 1x1 conv on NCHW maps was up to 20x slower than the matmul:
@@ -193,27 +247,23 @@ def _pointwise(y: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
             or torch.compiler.is_compiling()):
         return (F.conv2d if kernel.dim() == 4 else F.conv1d)(y, kernel)
     n, c, f = y.shape[0], y.shape[1], kernel.shape[0]
-    out = torch.bmm(kernel.reshape(f, c).expand(n, f, c), y.reshape(n, c, -1))
+    kernel = kernel.reshape(f, c)
+    out = torch.mm(kernel, y.view(c, -1)) if n == 1 else torch.bmm(kernel.expand(n, f, c), y.view(n, c, -1))
     return out.view(n, f, *y.shape[2:])
 
 
-def _plain_chain(x: torch.Tensor, factors: Sequence[torch.Tensor], steps: Sequence[dict],
-                 padding: tuple[int, int], pointwise: Sequence[bool]) -> torch.Tensor:
-    """The chain of an all-plain factorization (see :func:`is_plain`) on ``x [N, C, H, W]`` as it is: views of the
-    factors as kernels, no reshape of the activations (a channels_last input stays channels_last)."""
-    rank, count, y = factors[0].shape[0], len(steps), x
-    for i, step in enumerate(steps):
-        weight = factors[step["factor"]]
-        f_m, c_m, kernel_hw = weight.shape[1], weight.shape[2], weight.shape[3:]
-        if i == count - 1:  # sums over the rank: [F_m, R * C_m]
-            kernel, groups = weight.transpose(0, 1).reshape(f_m, rank * c_m, *kernel_hw), 1
-        else:  # the first maps C_m to R * F_m; a middle one is grouped by rank
-            kernel, groups = weight.reshape(rank * f_m, c_m, *kernel_hw), 1 if i == 0 else rank
+def _plain_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], steps: Sequence[dict], padding: tuple[int, int],
+                 pointwise: Sequence[bool], rank: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The chain of an all-plain factorization (see :func:`is_plain`) on ``x [N, C, H, W]`` as it is: no reshape
+    of the activations (a channels_last input stays channels_last); ``bias`` goes into the last step if a conv."""
+    y, last = x, len(steps) - 1
+    for i, (step, kernel) in enumerate(zip(steps, kernels)):
         if pointwise[i]:
             y = _pointwise(y, kernel)  # e.g. the SVD-like split's R -> F step, CP's first and last
-        else:
-            y = F.conv2d(y, kernel, stride=step["stride"], padding=padding if i == 0 else 0,
-                         dilation=step["dilation"], groups=groups)
+        else:  # the first and last are ungrouped; a middle one is grouped by rank
+            y = F.conv2d(y, kernel, bias if i == last else None, stride=step["stride"],
+                         padding=padding if i == 0 else 0, dilation=step["dilation"],
+                         groups=1 if i in (0, last) else rank)
     return y
 
 
@@ -245,17 +295,14 @@ def kronecker_conv2d(
     ``weight``: that sum, when the caller keeps it already (a layer at inference); the materialized path uses it.
     """
     if path == "factorized":
-        y = factorized_conv2d(x, *factors, stride=stride, dilation=dilation, pads=pads)
-    elif path == "materialized" and weight is not None:
-        x, padding = _pad(x, pads)
-        y = F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
-        return y  # the bias went into the conv, as in a dense layer
-    elif path == "materialized":
-        y = materialized_conv2d(x, *factors, stride=stride, dilation=dilation, pads=pads)
-    else:
+        chain = plan(factors, (x.shape[-2], x.shape[-1]), stride, dilation, pads)
+        return chain.run(x, chain.kernels(factors), bias)
+    if path != "materialized":
         raise ValueError(f"unknown path {path!r}: allowed {PATHS}")
-    # The bias is one add after the sum; fvcore counts no MACs for it, as for a dense conv's bias.
-    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+    x, padding = _pad(x, pads)
+    # the bias goes into the conv, as in a dense layer
+    return F.conv2d(x, reconstruct(*factors) if weight is None else weight, bias, stride=stride, padding=padding,
+                    dilation=dilation)
 
 
 def kronecker_linear(

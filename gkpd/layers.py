@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from gkpd.decompose import decompose, reconstruct
-from gkpd.functional import PATHS, Path, kronecker_conv2d, kronecker_linear
+from gkpd.functional import PATHS, Chain, Path, kronecker_conv2d, kronecker_linear, plan
 from gkpd.spec import ConvGeometry, KroneckerSpec
 
 __all__ = ["KroneckerConv2d", "KroneckerLinear", "LayerPath", "set_path", "use_path", "conv_pads", "FACTOR_NAMES"]
@@ -157,23 +157,31 @@ class _KroneckerBase(nn.Module):
         return reconstruct(*self.factors)
 
     def _dense_weight(self, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """``reconstruct(*factors)``; without autograd (inference), kept until a factor changes.
+        """``reconstruct(*factors)``; at inference kept until a factor changes (:meth:`_kept`)."""
+        return self._kept("dense", factors, lambda fs: reconstruct(*fs))
+
+    def _kernels(self, chain: Chain, factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``chain``'s kernels; at inference kept until a factor changes, each laid out contiguously once."""
+        return self._kept(chain, factors, lambda fs: tuple(k.contiguous() for k in chain.kernels(fs)))
+
+    def _kept(self, slot: object, factors: tuple[torch.Tensor, ...], build):
+        """``build(factors)``: without autograd (inference) kept in ``slot`` until a factor changes.
 
         The key is each factor's storage and version counter: an optimizer step, ``load_state_dict`` or any other
-        in-place change bumps the version, ``.to()`` gives new storage, so a stale weight is never used. A forward
-        that needs gradients (training) drops the cached weight and rebuilds it each time, as it must.
+        in-place change bumps the version, ``.to()`` gives new storage, so a stale value is never used. A forward
+        that needs gradients (training) drops every kept value and builds it each time, as it must.
         """
         if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
-            self._dense_cache = None
-            return reconstruct(*factors)
+            self._inference_cache = {}
+            return build(factors)
         # New storage (another device, dtype or shape) has another address; an in-place change bumps the version.
         key = tuple((f.data_ptr(), f._version) for f in factors)
-        cached = getattr(self, "_dense_cache", None)
-        if cached is None or cached[0] != key:
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        kept = cache.get(slot)
+        if kept is None or kept[0] != key:
             with torch.no_grad():
-                cached = (key, reconstruct(*factors))
-            self._dense_cache = cached
-        return cached[1]
+                kept = cache[slot] = (key, build(factors))
+        return kept[1]
 
     def _choose(self, x: torch.Tensor, key: tuple, run) -> Path:
         if self.path != "auto":
@@ -258,9 +266,18 @@ class KroneckerConv2d(_KroneckerBase):
         return ConvGeometry(in_hw, self.stride, self.dilation, self.pads)
 
     def _run(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: Path) -> torch.Tensor:
-        weight = self._dense_weight(factors) if path == "materialized" else None
-        return kronecker_conv2d(x, factors, self.bias, stride=self.stride, dilation=self.dilation, pads=self.pads,
-                                path=path, weight=weight)
+        if path == "materialized":
+            return kronecker_conv2d(x, factors, self.bias, stride=self.stride, dilation=self.dilation,
+                                    pads=self.pads, path=path, weight=self._dense_weight(factors))
+        # The chain of this input size, planned once per layer (building the plan's key cost ~2 us a call).
+        chains = self.__dict__.setdefault("_chains", {})
+        chain = chains.get(x.shape[-2:])
+        if chain is None:
+            chain = chains[x.shape[-2:]] = plan(factors, x.shape[-2:], self.stride, self.dilation, self.pads)
+        # A traced or compiled graph (ONNX export, fvcore) arranges the factors in it, so that it holds them.
+        tracing = torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+        kernels = chain.kernels(factors) if tracing else self._kernels(chain, factors)
+        return chain.run(x, kernels, self._parameters.get("bias"))  # not getattr: slow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The geometry, not just the input size: stride, dilation and pads change what each path costs.

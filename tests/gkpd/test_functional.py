@@ -201,12 +201,37 @@ def test_unpadded_1x1_steps_run_as_one_batched_matmul_and_traced_graphs_keep_the
     top, bottom, left, right = pads
     expected = F.conv2d(F.pad(x, (left, right, top, bottom)), reconstruct(*factors))
     run = lambda x: factorized_conv2d(x, *factors, pads=pads, order=order)  # noqa: E731
-    bmm: list[tuple[int, ...]] = []
-    real = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm.append(tuple(b.shape)) or real(a, b))
+    calls: list[str] = []
+    real = {name: getattr(torch, name) for name in ("bmm", "mm")}
+    for name in real:
+        monkeypatch.setattr(torch, name, lambda a, b, name=name: calls.append(name) or real[name](a, b))
     torch.testing.assert_close(run(x), expected, **TOL)
-    assert len(bmm) == matmuls
-    bmm.clear()
+    assert calls == ["bmm"] * matmuls
+    calls.clear()
+    torch.testing.assert_close(run(x[:1]), expected[:1], **TOL)
+    assert calls == ["mm"] * matmuls  # one image: a plain matmul
+    calls.clear()
     traced = torch.jit.trace(run, x, check_trace=False)  # the check would rerun it untraced
-    assert bmm == [] and "aten::bmm" not in str(traced.graph) and "aten::_convolution" in str(traced.graph)
+    graph = str(traced.graph)
+    assert calls == [] and "aten::bmm" not in graph and "aten::mm" not in graph and "aten::_convolution" in graph
+    torch.testing.assert_close(traced(x), expected, **TOL)
+
+
+@pytest.mark.parametrize("shapes, order, adds", [
+    ([(1, 4, 3, 1), (6, 1, 1, 3)], "ab", 0),  # the last step a 1x3 conv: the bias goes into it
+    ([(6, 1, 1, 1), (1, 4, 3, 3)], "ba", 1),  # the last step a matmul: one add after it
+    ([(3, 2, 3, 1), (2, 2, 1, 3)], "ba", 1),  # a chain that folds channels: one add after it
+])
+def test_the_bias_goes_into_the_last_step_when_it_is_a_conv(shapes, order, adds: int) -> None:
+    torch.manual_seed(0)
+    factors = [torch.randn(3, *s, dtype=torch.float64) for s in shapes]
+    weight = reconstruct(*factors)
+    bias = torch.randn(weight.shape[0], dtype=torch.float64)
+    x = torch.randn(2, weight.shape[1], 7, 6, dtype=torch.float64)
+    chain = gkpd.functional.plan(factors, (7, 6), pads=(1, 1, 1, 1), order=order)
+    run = lambda x: chain.run(x, chain.kernels(factors), bias)  # noqa: E731
+    expected = F.conv2d(x, weight, bias, padding=1)
+    torch.testing.assert_close(run(x), expected, **TOL)
+    traced = torch.jit.trace(run, x, check_trace=False)
+    assert str(traced.graph).count("aten::add") == adds
     torch.testing.assert_close(traced(x), expected, **TOL)

@@ -310,16 +310,23 @@ def test_auto_keeps_the_dense_like_path_unless_factorized_wins_by_the_margin(fac
     assert gkpd.layers._measure_path(rows, (a, b), run, repeats=3) == chosen
 
 
-def test_inference_keeps_the_dense_weight_until_a_factor_changes() -> None:
+@pytest.mark.parametrize("path, a_shape", [
+    ("materialized", (2, 2, 3, 1)),  # the dense weight
+    ("factorized", (2, 2, 3, 1)),  # a chain that folds channels: its kernels
+    ("factorized", (6, 1, 1, 1)),  # a plain chain (SVD-like): its kernels
+])
+def test_inference_keeps_the_dense_weight_or_the_kernels_until_a_factor_changes(path: str, a_shape) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
-    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((6, 4, 3, 3), (2, 2, 3, 1), 2), path="materialized")
+    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((6, 4, 3, 3), a_shape, 2), path=path)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     rebuilt: list[int] = []
-    real = gkpd.layers.reconstruct
-    counting = lambda *f: rebuilt.append(1) or real(*f)  # noqa: E731
+    real, real_kernels = gkpd.layers.reconstruct, gkpd.functional.Chain.kernels
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gkpd.layers, "reconstruct", counting)
+        if path == "materialized":
+            mp.setattr(gkpd.layers, "reconstruct", lambda *f: rebuilt.append(1) or real(*f))
+        else:
+            mp.setattr(gkpd.functional.Chain, "kernels", lambda chain, f: rebuilt.append(1) or real_kernels(chain, f))
         layer.eval()
         with torch.no_grad():
             first, again = layer(x), layer(x)
@@ -327,8 +334,8 @@ def test_inference_keeps_the_dense_weight_until_a_factor_changes() -> None:
         torch.testing.assert_close(again, first, rtol=0, atol=0)
         optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
         layer.train()
-        layer(x).sum().backward()  # training rebuilds it with the graph, and drops the cached one
-        assert len(rebuilt) == 2 and layer._dense_cache is None
+        layer(x).sum().backward()  # training builds them with the graph, and drops the kept ones
+        assert len(rebuilt) == 2 and layer._inference_cache == {}
         optimizer.step()  # the factors change in place
         layer.eval()
 
@@ -340,6 +347,22 @@ def test_inference_keeps_the_dense_weight_until_a_factor_changes() -> None:
             layer.load_state_dict({k: v + 1 for k, v in layer.state_dict().items()})
             torch.testing.assert_close(layer(x), reference(), **TOL)
         assert len(rebuilt) == 4  # one rebuild after the step, one after load_state_dict
+
+
+def test_a_traced_layer_reads_its_factors_not_the_kernels_kept_for_inference() -> None:
+    """ONNX export and fvcore trace the model: the graph must hold the factors, so that it is the layer."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((6, 4, 3, 3), (6, 1, 1, 1), 2), path="factorized").eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)  # the kernels are kept now
+        traced = torch.jit.trace(layer, x)
+    graph = str(traced.graph)
+    assert 'name="a"' in graph and 'name="b"' in graph
+    with torch.no_grad():
+        layer.a.mul_(2)  # the traced module shares the parameters
+        torch.testing.assert_close(traced(x), conv._conv_forward(x, reconstruct(layer.a, layer.b), conv.bias), **TOL)
 
 
 def test_set_path_and_use_path() -> None:
