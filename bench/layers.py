@@ -11,7 +11,7 @@ as ratios to the dense conv's, side by side in one run (interleaved, median):
   cached  the dense weight a layer keeps at inference, one conv
   auto    what path="auto" picks (timed once per setting; factorized only when it beats dense-like by 5%)
 
-    python bench/layers.py [--quick] [--threads 2]
+    python bench/layers.py [--quick] [--threads 2] [--heap kept|default]
     python bench/layers.py --breakdown    # where each chain's time goes, step by step
 
 ``--breakdown`` times each row's chain piece by piece at batch 64 and 1: its steps (convolutions and batched
@@ -194,27 +194,54 @@ def breakdown(repeats: int) -> None:
             print(line, flush=True)
 
 
+# glibc malloc hands a buffer over 128 KiB out as fresh pages from mmap and gives it back on free (or trims the heap
+# top), so a conv whose output is tens of MiB pays a page fault per 4 KiB on every call: the square split's first
+# conv at batch 64 (a 25 MiB output) took 16 ms with 8,193 minor faults a call and 5.5 ms with none, on this
+# machine. Whether a buffer comes fresh depends on what the process freed before, so the same call flipped between
+# the two within one run. Keeping the heap (buffers up to 32 MiB from it, never trimmed) takes that out of every
+# route alike. (The search's own models run channels_last and showed no faults at inference, batch 32.)
+KEPT_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def _heap_kept() -> bool:
+    return all(os.environ.get(k) == v for k, v in KEPT_HEAP.items())
+
+
+def _keep_heap() -> None:
+    """Restart this script with :data:`KEPT_HEAP` in its environment (glibc reads it at start), unless it has it."""
+    if not _heap_kept():
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+                  {**os.environ, **KEPT_HEAP})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    parser.add_argument("--heap", choices=("kept", "default"), default="kept",
+                        help="kept (default): glibc serves buffers up to 32 MiB from a heap it never trims, so no "
+                             "route pays page faults on fresh memory; default: glibc as configured")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--breakdown", action="store_true",
                         help="time each row's chain piece by piece (steps, copies) instead")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.heap == "kept" and argv is None:  # run as a script (a caller's own process is left alone)
+        _keep_heap()
     torch.set_num_threads(args.threads)
+    heap = ("glibc heap kept (" + ", ".join(f"{k}={v}" for k, v in KEPT_HEAP.items()) + ")" if _heap_kept()
+            else "glibc heap as configured")
     repeats = 3 if args.quick else 7
     if args.breakdown:
         start, load = time.perf_counter(), os.getloadavg()
-        print(f"torch {torch.__version__}, {args.threads} threads, forward, median of {repeats} interleaved")
+        print(f"torch {torch.__version__}, {args.threads} threads, forward, median of {repeats} interleaved; {heap}")
         breakdown(repeats)
         print(f"total {time.perf_counter() - start:.0f} s; load average at start {load[0]:.1f}, "
               f"at end {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
         return
     batches = (64, 1)
-    print(f"torch {torch.__version__}, {args.threads} threads, forward, median of {repeats} interleaved; times are "
-          f"ratios to the dense conv (below 1: faster). MACs as fvcore counts them.")
+    print(f"torch {torch.__version__}, {args.threads} threads, forward, median of {repeats} interleaved; {heap}; "
+          f"times are ratios to the dense conv (below 1: faster). MACs as fvcore counts them.")
     header = f"{'shape':<15} {'family':<7} {'A ⊗ B, rank':<24} {'MACs ÷':>6}"
     for batch in batches:
         header += f" | b{batch}: " + " ".join(f"{r:>6}" for r in ROUTES) + "   best"
