@@ -31,6 +31,12 @@ Path = Literal["factorized", "materialized"]
 PATHS: tuple[Path, ...] = ("factorized", "materialized")
 
 
+def in_graph() -> bool:
+    """Whether this call is being traced (the TorchScript ONNX exporter, fvcore) or compiled (torch.export,
+    torch.compile): the graph must then hold the factors and the portable ops, not values kept for eager runs."""
+    return torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+
+
 def _pad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """``x`` padded as far as the first conv cannot do it, and the ``padding`` left for that conv.
 
@@ -243,8 +249,7 @@ def _pointwise(y: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     need a copy), and so does a traced or compiled graph: the exported ONNX model keeps its Conv nodes, which
     onnxruntime runs as one gemm. On a GPU (not measured here) the conv stays too.
     """
-    if (y.device.type != "cpu" or not y.is_contiguous() or torch._C._get_tracing_state() is not None
-            or torch.compiler.is_compiling()):
+    if y.device.type != "cpu" or not y.is_contiguous() or in_graph():
         return (F.conv2d if kernel.dim() == 4 else F.conv1d)(y, kernel)
     n, c, f = y.shape[0], y.shape[1], kernel.shape[0]
     kernel = kernel.reshape(f, c)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from gkpd.decompose import decompose, reconstruct
-from gkpd.functional import PATHS, Chain, Path, kronecker_conv2d, kronecker_linear, plan
+from gkpd.functional import PATHS, Chain, Path, in_graph, kronecker_conv2d, kronecker_linear, plan
 from gkpd.spec import ConvGeometry, KroneckerSpec
 
 __all__ = ["KroneckerConv2d", "KroneckerLinear", "LayerPath", "set_path", "use_path", "conv_pads", "FACTOR_NAMES"]
@@ -187,7 +187,7 @@ class _KroneckerBase(nn.Module):
         if self.path != "auto":
             return self.path
         # The TorchScript-based ONNX exporter traces; torch.export and torch.compile report compiling.
-        if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
+        if in_graph():
             return "factorized"  # exported graphs carry the computation whose cost we report
         grad = torch.is_grad_enabled() and self._parameters["a"].requires_grad
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
@@ -275,8 +275,7 @@ class KroneckerConv2d(_KroneckerBase):
         if chain is None:
             chain = chains[x.shape[-2:]] = plan(factors, x.shape[-2:], self.stride, self.dilation, self.pads)
         # A traced or compiled graph (ONNX export, fvcore) arranges the factors in it, so that it holds them.
-        tracing = torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
-        kernels = chain.kernels(factors) if tracing else self._kernels(chain, factors)
+        kernels = chain.kernels(factors) if in_graph() else self._kernels(chain, factors)
         return chain.run(x, kernels, self._parameters.get("bias"))  # not getattr: slow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
