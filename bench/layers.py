@@ -5,8 +5,10 @@ Rows: the factor families the search uses, each at a MAC cut near 4x (and the SV
 ``square`` a = (F1,C1,1,1) ⊗ (F2,C2,3,3) with F1, C1 near sqrt. Columns: forward time at batch 64 and at batch 1,
 as ratios to the dense conv's, side by side in one run (interleaved, median):
 
-  fact    the factorized chain in the cheaper order by MACs (a plain-conv chain where no channel is folded)
-  mirror  the chain in the other order (nan where it costs over twice the MACs: not a contender)
+  fact    a layer on path="factorized": the chain in the cheaper order by MACs (a plain-conv chain where no channel
+          is folded), its kernels kept at inference (a plain chain's convs packed for oneDNN at batch 1)
+  mirror  gkpd.factorized_conv2d in the other order, kernels arranged each call (nan where it costs over twice the
+          MACs: not a contender)
   mat     rebuild the dense weight on each call, then one conv (what training runs)
   cached  the dense weight a layer keeps at inference, one conv
   auto    what path="auto" picks (timed once per setting; factorized only when it beats dense-like by 5%)
@@ -112,6 +114,7 @@ def bench_row(shape: ConvShape, spec: KroneckerSpec, batch: int, repeats: int) -
     conv = nn.Conv2d(shape.cin, shape.cout, 3, stride=shape.stride, padding=1, bias=False).eval()
     cached = KroneckerConv2d.from_conv(conv, spec, path="materialized").eval()
     auto = KroneckerConv2d.from_conv(conv, spec, path="auto").eval()
+    fact = KroneckerConv2d.from_conv(conv, spec, path="factorized").eval()
     factors = cached.factors
     geometry = shape.geometry()
     order = spec.cheaper_order(geometry)
@@ -120,7 +123,7 @@ def bench_row(shape: ConvShape, spec: KroneckerSpec, batch: int, repeats: int) -
     kw = dict(stride=conv.stride, pads=(1, 1, 1, 1))
     fns: dict[str, Callable[[], object]] = {
         "dense": lambda: conv(x),
-        "fact": lambda: factorized_conv2d(x, *factors, order=order, **kw),
+        "fact": lambda: fact(x),
         "mirror": lambda: factorized_conv2d(x, *factors, order=mirror, **kw),
         "mat": lambda: materialized_conv2d(x, *factors, **kw),
         "cached": lambda: cached(x),

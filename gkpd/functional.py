@@ -23,7 +23,7 @@ from gkpd.decompose import reconstruct
 from gkpd.spec import ConvGeometry, KroneckerSpec, Order
 
 __all__ = [
-    "Path", "PATHS", "Chain", "plan", "kronecker_conv2d", "kronecker_linear", "factorized_conv2d",
+    "Path", "PATHS", "Chain", "plan", "packs", "kronecker_conv2d", "kronecker_linear", "factorized_conv2d",
     "materialized_conv2d", "is_plain",
 ]
 
@@ -35,6 +35,25 @@ def in_graph() -> bool:
     """Whether this call is being traced (the TorchScript ONNX exporter, fvcore) or compiled (torch.export,
     torch.compile): the graph must then hold the factors and the portable ops, not values kept for eager runs."""
     return torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+
+
+# oneDNN's conv op on a kernel packed ahead into oneDNN's blocked layout: the pair torch.compile's CPU backend runs
+# frozen weights with. F.conv2d repacks its kernel and sets up the conv on every call; at batch 1 that is a large
+# share of a thin conv (see :func:`packs`).
+_PACKED_OPS = torch.backends.mkldnn.is_available() and all(
+    hasattr(torch.ops.mkldnn, op) for op in ("_reorder_convolution_weight", "_convolution_pointwise"))
+
+
+def packs(x: torch.Tensor) -> bool:
+    """Whether a plain chain's convs on ``x`` may run on packed kernels (:meth:`Chain.pack`): one float32 image on a
+    CPU with oneDNN on, eager (a caller that keeps the packed kernels also runs without autograd).
+
+    Measured on the 2-core build machine (torch 2.14.1), one image: the SVD-like split's thin first conv took
+    128 us packed against 152 us through F.conv2d (64 -> 14 channels at 32x32), 110 against 189 us (512 -> 115 at
+    4x4). At batch 64 the packed conv, whose output comes channels_last, made the chain slower (0.43x -> 0.47x dense).
+    """
+    return (_PACKED_OPS and x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and torch._C._get_mkldnn_enabled() and not in_graph())
 
 
 def _pad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -91,17 +110,20 @@ class Chain:
 
     ``route``: "plain" (every step a plain conv, :func:`is_plain`), "inner first" (:func:`_inner_first_then_1x1`)
     or "general" (channels folded into the batch between steps). ``pointwise``: per step of a plain chain, whether
-    it is an unpadded 1x1 stride-1 conv over all channels (:func:`_pointwise`). ``padding``: what the first conv
-    pads itself (None: asymmetric pads, done by ``F.pad`` first).
+    it is an unpadded 1x1 stride-1 conv over all channels (:func:`_pointwise`); ``convs``: per step of a plain
+    chain, its conv's stride, padding, dilation and groups. ``padding``: what the first conv pads itself (None:
+    asymmetric pads, done by ``F.pad`` first).
 
     :meth:`kernels` arranges the factors as the steps' kernels (views where the layout allows, so gradients flow);
-    a layer at inference keeps them between calls. :meth:`run` applies the chain to any batch.
+    a layer at inference keeps them between calls, packed for oneDNN where :func:`packs` allows (:meth:`pack`).
+    :meth:`run` applies the chain to any batch.
     """
 
     spec: KroneckerSpec
     steps: tuple[dict, ...]
     route: str
     pointwise: tuple[bool, ...]
+    convs: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], int], ...]
     pads: tuple[int, int, int, int]
     padding: tuple[int, int] | None
 
@@ -121,6 +143,15 @@ class Chain:
                 kernels.append(weight.reshape(rank * f_m, c_m, *kernel_hw))
         return tuple(kernels)
 
+    def pack(self, kernels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """A plain chain's :meth:`kernels` with every conv's kernel packed into oneDNN's layout (an opaque tensor:
+        no autograd, no storage) and the matmul steps' as they are; :meth:`run` on an input that :func:`packs`."""
+        if self.route != "plain":
+            raise ValueError(f"only a plain chain packs its kernels, not a {self.route!r} one")
+        return tuple(kernel if pointwise else torch.ops.mkldnn._reorder_convolution_weight(
+            kernel.contiguous(), padding, stride, dilation, groups)
+            for kernel, pointwise, (stride, padding, dilation, groups) in zip(kernels, self.pointwise, self.convs))
+
     def run(self, x: torch.Tensor, kernels: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
         """The chain on ``x [N, C, H, W]`` with :meth:`kernels`; ``bias`` goes into the last conv where it is one."""
         if self.padding is None:
@@ -129,10 +160,8 @@ class Chain:
         else:
             padding = self.padding
         if self.route == "plain":
-            y = _plain_chain(x, kernels, self.steps, padding, self.pointwise, self.spec.rank, bias)
-            if bias is None or not self.pointwise[-1]:
-                return y  # the bias went into the last conv
-        elif self.route == "inner first":
+            return _plain_chain(x, kernels, self.pointwise, self.convs, bias)  # the bias goes into the last step
+        if self.route == "inner first":
             y = _inner_first_chain(x, kernels, self.steps, padding, self.spec)
         else:
             y = _general_chain(x, kernels, self.steps, padding, self.spec)
@@ -185,14 +214,16 @@ def _chain(factor_shapes: tuple[tuple[int, ...], ...], in_hw: tuple[int, int], s
     steps = tuple(spec.steps(geometry, order if order is not None else spec.cheaper_order(geometry)))
     padding = _conv_padding(pads)
     if is_plain(spec, steps):
-        first_padding = padding or (0, 0)  # asymmetric pads: F.pad does them, the conv none
         last = len(steps) - 1
-        pointwise = tuple(  # the first and last steps are ungrouped; a middle one is grouped by rank
-            i in (0, last) and tuple(step["kernel"]) == (1, 1) and tuple(step["stride"]) == (1, 1)
-            and (i > 0 or first_padding == (0, 0)) for i, step in enumerate(steps))
-        return Chain(spec, steps, "plain", pointwise, pads, padding)
+        convs = tuple(  # the first pads (asymmetric pads: F.pad does them, the conv none); a middle one is grouped
+            (tuple(step["stride"]), (padding or (0, 0)) if i == 0 else (0, 0), tuple(step["dilation"]),
+             1 if i in (0, last) else spec.rank) for i, step in enumerate(steps))
+        pointwise = tuple(
+            groups == 1 and tuple(step["kernel"]) == (1, 1) and conv_stride == (1, 1) and conv_padding == (0, 0)
+            for step, (conv_stride, conv_padding, _, groups) in zip(steps, convs))
+        return Chain(spec, steps, "plain", pointwise, convs, pads, padding)
     route = "inner first" if _inner_first_then_1x1(shapes, steps) else "general"
-    return Chain(spec, steps, route, (), pads, padding)
+    return Chain(spec, steps, route, (), (), pads, padding)
 
 
 def is_plain(spec: KroneckerSpec, steps: Sequence[dict]) -> bool:
@@ -236,40 +267,64 @@ def _inner_first_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], steps: 
     return y.reshape(n, f1 * f2, ho, wo)
 
 
-def _pointwise(y: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """A 1x1, stride-1, unpadded conv of ``y [N, C, *pixels]`` with ``kernel [F, C, 1(, 1)]``, as one batched matmul
-    (one matmul at batch 1).
+def _pointwise(y: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None = None,
+               channels_last: bool = False) -> torch.Tensor:
+    """A 1x1, stride-1, unpadded conv of ``y [N, C, *pixels]`` with ``kernel [F, C, 1(, 1)]`` (plus ``bias``), as
+    one batched matmul (one matmul at batch 1); ``channels_last``: the answer's layout when ``y`` is one
+    channels_last image (else it is contiguous).
 
     The same sum as the conv, in the same MACs (fvcore counts bmm as N*F*C*pixels, as it counts the conv). On the
     2-core build machine (torch 2.14.1, oneDNN) a 1x1 conv on NCHW maps was up to 20x slower than the matmul:
     14 -> 64 channels at 32x32, batch 64, 10.0 ms against 0.78 ms; the square split's conv1d 22.9 ms against
     1.0 ms. At inference the matmul was as fast or faster on every shape timed; a training step (forward and
     backward) lost only in fp32 on small maps (58 -> 256 channels at 8x8: 4.6 against 3.2 ms), and search.train
-    trains channels_last, where the conv is kept anyway. A channels_last input keeps the conv (the matmul would
-    need a copy), and so does a traced or compiled graph: the exported ONNX model keeps its Conv nodes, which
-    onnxruntime runs as one gemm. On a GPU (not measured here) the conv stays too.
+    trains channels_last, where the conv is kept anyway. A channels_last batch keeps the conv (the matmul would
+    need a copy), except one image, which is a ``[pixels, C]`` matrix as it lies; a traced or compiled graph keeps
+    the conv too: the exported ONNX model keeps its Conv nodes, which onnxruntime runs as one gemm. On a GPU (not
+    measured here) the conv stays too.
     """
-    if y.device.type != "cpu" or not y.is_contiguous() or in_graph():
-        return (F.conv2d if kernel.dim() == 4 else F.conv1d)(y, kernel)
-    n, c, f = y.shape[0], y.shape[1], kernel.shape[0]
-    kernel = kernel.reshape(f, c)
-    out = torch.mm(kernel, y.view(c, -1)) if n == 1 else torch.bmm(kernel.expand(n, f, c), y.view(n, c, -1))
-    return out.view(n, f, *y.shape[2:])
+    if y.device.type == "cpu" and not in_graph():
+        n, c, f = y.shape[0], y.shape[1], kernel.shape[0]
+        weight = kernel.reshape(f, c)
+        if y.is_contiguous():
+            if n == 1:
+                rows = y.view(c, -1)
+                out = torch.mm(weight, rows) if bias is None else torch.addmm(bias[:, None], weight, rows)
+            else:
+                rows = y.view(n, c, -1)
+                out = (torch.bmm(weight.expand(n, f, c), rows) if bias is None
+                       else torch.baddbmm(bias[:, None], weight.expand(n, f, c), rows))
+            return out.view(n, f, *y.shape[2:])
+        if n == 1 and y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last):
+            pixels = y.permute(0, 2, 3, 1).reshape(-1, c)  # a view
+            if channels_last:
+                out = torch.mm(pixels, weight.t()) if bias is None else torch.addmm(bias, pixels, weight.t())
+                return out.view(1, *y.shape[2:], f).permute(0, 3, 1, 2)
+            out = torch.mm(weight, pixels.t()) if bias is None else torch.addmm(bias[:, None], weight, pixels.t())
+            return out.view(1, f, *y.shape[2:])
+    return (F.conv2d if kernel.dim() == 4 else F.conv1d)(y, kernel, bias)
 
 
-def _plain_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], steps: Sequence[dict], padding: tuple[int, int],
-                 pointwise: Sequence[bool], rank: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _plain_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], pointwise: Sequence[bool],
+                 convs: Sequence[tuple], bias: torch.Tensor | None) -> torch.Tensor:
     """The chain of an all-plain factorization (see :func:`is_plain`) on ``x [N, C, H, W]`` as it is: no reshape
-    of the activations (a channels_last input stays channels_last); ``bias`` goes into the last step if a conv."""
-    y, last = x, len(steps) - 1
-    for i, (step, kernel) in enumerate(zip(steps, kernels)):
+    of the activations, and the answer in ``x``'s layout (a channels_last input stays channels_last); ``bias`` goes
+    into the last step. A packed kernel (:meth:`Chain.pack`) runs on oneDNN's own conv op."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    y, last = x, len(kernels) - 1
+    for i, kernel in enumerate(kernels):
+        step_bias = bias if i == last else None
         if pointwise[i]:
-            y = _pointwise(y, kernel)  # e.g. the SVD-like split's R -> F step, CP's first and last
-        else:  # the first and last are ungrouped; a middle one is grouped by rank
-            y = F.conv2d(y, kernel, bias if i == last else None, stride=step["stride"],
-                         padding=padding if i == 0 else 0, dilation=step["dilation"],
-                         groups=1 if i in (0, last) else rank)
-    return y
+            y = _pointwise(y, kernel, step_bias, channels_last)  # e.g. the SVD-like split's R -> F, CP's first and last
+        elif kernel.is_mkldnn:
+            stride, padding, dilation, groups = convs[i]
+            y = torch.ops.mkldnn._convolution_pointwise(y, kernel, step_bias, padding, stride, dilation, groups,
+                                                        "none", [], None)
+        else:
+            stride, padding, dilation, groups = convs[i]
+            y = F.conv2d(y, kernel, step_bias, stride, padding, dilation, groups)
+    # oneDNN's op answers channels_last; the layer answers in its input's layout, as nn.Conv2d does.
+    return y if channels_last or y.is_contiguous() else y.contiguous()
 
 
 def materialized_conv2d(

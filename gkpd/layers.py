@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from gkpd.decompose import decompose, reconstruct
-from gkpd.functional import PATHS, Chain, Path, in_graph, kronecker_conv2d, kronecker_linear, plan
+from gkpd.functional import PATHS, Chain, Path, in_graph, kronecker_conv2d, kronecker_linear, packs, plan
 from gkpd.spec import ConvGeometry, KroneckerSpec
 
 __all__ = ["KroneckerConv2d", "KroneckerLinear", "LayerPath", "set_path", "use_path", "conv_pads", "FACTOR_NAMES"]
@@ -22,6 +22,11 @@ _LAYER_PATHS: tuple[LayerPath, ...] = ("auto", *PATHS)
 
 # (device, dtype, spec, geometry, batch, memory format, grad) -> the faster path, measured once per process.
 _AUTO_CHOICE: dict[tuple, Path] = {}
+# (chain, memory format, threads) -> whether the chain ran faster on its kernels packed for oneDNN, measured once.
+_PACK_CHOICE: dict[tuple, bool] = {}
+# The packed kernels must beat the plain ones by this fraction: a near tie is noise, and plain tensors are the
+# simpler thing to keep (packed ones are opaque: no storage, no copy).
+PACK_MARGIN = 0.05
 
 
 def conv_pads(padding: str | int | tuple[int, ...], kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -56,6 +61,27 @@ DENSE_MARGIN = 0.05
 TIMED_SECONDS, MAX_CALLS = 2e-3, 16  # a timed round of a path runs it for about this long, in at most this many calls
 
 
+def _least_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each function's least disturbed seconds a call (other load only ever adds time), timed interleaved so that
+    drift hits all alike: a warm-up call each (allocations, kernel selection, kept values), a first timed call,
+    then ``repeats`` rounds. The first call sizes a function's rounds: one well under a millisecond (batch 1) runs
+    for about ``TIMED_SECONDS`` a round (at most ``MAX_CALLS`` calls), or one scheduler hiccup decides."""
+    def per_call(fn: Callable[[], object], calls: int) -> float:
+        def loop() -> None:
+            for _ in range(calls):
+                fn()
+        return _seconds(loop) / calls
+
+    for fn in fns.values():
+        fn()
+    best = {name: per_call(fn, 1) for name, fn in fns.items()}
+    calls = {name: max(1, min(MAX_CALLS, int(TIMED_SECONDS / max(t, 1e-7)))) for name, t in best.items()}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], per_call(fn, calls[name]))
+    return best
+
+
 def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, repeats: int = 3,
                   margin: float = DENSE_MARGIN) -> Path:
     """Time both exact paths on this very input (forward, plus backward when training) and keep the faster,
@@ -65,34 +91,22 @@ def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, re
     out without ever running on the whole input (on CPUs the factorized path of an odd factor shape can be 30x
     slower than dense, and timing it on a batch of 512 once cost more than screening the plan). When both
     paths survive, each is timed on the whole input, interleaved, keeping its least disturbed time (other load
-    only ever adds time) of ``repeats`` after one warm-up call; a round of a fast call (batch 1) runs it several
-    times, for about ``TIMED_SECONDS``.
+    only ever adds time) of ``repeats`` (:func:`_least_seconds`).
     """
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     training = torch.is_grad_enabled() and factors[0].requires_grad
     factors_ = tuple(f.detach().requires_grad_(training) for f in factors)
 
-    def once(path: Path, rows: torch.Tensor, calls: int = 1) -> float:
+    def call(path: Path, rows: torch.Tensor):
         def go() -> None:
-            for _ in range(calls):
-                y = run(rows, factors_, path)
-                if training:
-                    torch.autograd.grad(y.sum(), factors_)
+            y = run(rows, factors_, path)
+            if training:
+                torch.autograd.grad(y.sum(), factors_)
             sync()
-
-        return _seconds(go) / calls
+        return go
 
     def timed(paths: tuple[Path, ...], rows: torch.Tensor, times: int) -> dict[Path, float]:
-        for path in paths:
-            once(path, rows)  # warm-up: allocations, kernel selection (and the dense weight's cache)
-        # A first timed call sizes each path's rounds: a call well under a millisecond (batch 1) is timed over
-        # several, or one scheduler hiccup decides; a slow one stays one call.
-        best = {path: once(path, rows) for path in paths}
-        calls = {path: max(1, min(MAX_CALLS, int(TIMED_SECONDS / max(t, 1e-7)))) for path, t in best.items()}
-        for _ in range(times):  # interleaved, so that drift hits both paths alike
-            for path in paths:
-                best[path] = min(best[path], once(path, rows, calls[path]))
-        return best
+        return _least_seconds({path: call(path, rows) for path in paths}, times)
 
     def pick(seconds: dict[Path, float]) -> Path:
         if "factorized" in seconds and "materialized" in seconds:
@@ -163,6 +177,39 @@ class _KroneckerBase(nn.Module):
     def _kernels(self, chain: Chain, factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """``chain``'s kernels; at inference kept until a factor changes, each laid out contiguously once."""
         return self._kept(chain, factors, lambda fs: tuple(k.contiguous() for k in chain.kernels(fs)))
+
+    def _inference_kernels(self, chain: Chain, factors: tuple[torch.Tensor, ...], x: torch.Tensor,
+                           bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """``chain``'s kept kernels for ``x``: packed for oneDNN (:meth:`Chain.pack`) where :func:`packs` allows it
+        and the packed ones ran the chain faster on an input like ``x`` (timed once per chain, layout and thread
+        count, :func:`_least_seconds`), else as they are.
+
+        Neither wins everywhere. One image on the 2-core build machine: the SVD-like split 64 -> 14 -> 64 at 32x32
+        ran 0.55x dense packed against 0.60x; a rank-1 separable split 256 -> 1 -> 256 at 7x7 95 us packed against
+        54 us (oneDNN's op answers its one-channel map channels_last, and the next conv pays for it).
+        """
+        kernels = self._kernels(chain, factors)
+        if chain.route != "plain" or not packs(x):
+            return kernels
+        choice = (chain, not x.is_contiguous(), torch.get_num_threads())
+        if _PACK_CHOICE.get(choice) is False:
+            return kernels
+        packed = self._kept((chain, "packed"), factors, lambda fs: chain.pack(kernels))
+        if choice not in _PACK_CHOICE:
+            seconds = _least_seconds({"packed": lambda: chain.run(x, packed, bias),
+                                      "plain": lambda: chain.run(x, kernels, bias)}, repeats=3)
+            _PACK_CHOICE[choice] = seconds["packed"] < (1 - PACK_MARGIN) * seconds["plain"]
+            if not _PACK_CHOICE[choice]:
+                self._inference_cache.pop((chain, "packed"))
+                return kernels
+        return packed
+
+    def __getstate__(self) -> dict:
+        # Values kept for inference are rebuilt on demand; packed kernels (opaque oneDNN tensors) cannot be copied.
+        state = super().__getstate__()
+        for name in ("_inference_cache", "_chains", "_auto_memo"):
+            state.pop(name, None)
+        return state
 
     def _kept(self, slot: object, factors: tuple[torch.Tensor, ...], build):
         """``build(factors)``: without autograd (inference) kept in ``slot`` until a factor changes.
@@ -274,9 +321,15 @@ class KroneckerConv2d(_KroneckerBase):
         chain = chains.get(x.shape[-2:])
         if chain is None:
             chain = chains[x.shape[-2:]] = plan(factors, x.shape[-2:], self.stride, self.dilation, self.pads)
+        bias = self._parameters.get("bias")  # not getattr: slow
         # A traced or compiled graph (ONNX export, fvcore) arranges the factors in it, so that it holds them.
-        kernels = chain.kernels(factors) if in_graph() else self._kernels(chain, factors)
-        return chain.run(x, kernels, self._parameters.get("bias"))  # not getattr: slow
+        if in_graph():
+            kernels = chain.kernels(factors)
+        elif torch.is_grad_enabled() and factors[0].requires_grad:
+            kernels = self._kernels(chain, factors)  # built with the graph each call
+        else:
+            kernels = self._inference_kernels(chain, factors, x, bias)
+        return chain.run(x, kernels, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The geometry, not just the input size: stride, dilation and pads change what each path costs.

@@ -43,7 +43,9 @@ ROUND_S = 0.003  # each candidate's calls are looped to about this long per roun
 # (a channels_last-strided one made the materialized candidates of some factor shapes time differently).
 # 3: a 1x1 outer factor after the inner one runs copy-free (the square split's factorized chain got faster).
 # 4: unpadded 1x1 steps run as one batched matmul, a 1x1 step has no dilation, a chain is planned once per setting.
-TABLE_FORMAT = 4
+# 5: a layer at inference keeps its kernels (one image: packed for oneDNN where that ran faster), the bias goes into
+# a plain chain's last step, and one channels_last image's 1x1 step is a matmul.
+TABLE_FORMAT = 5
 
 
 def time_calls(fns: Mapping[str, Callable[[], Any]]) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 import gkpd.functional
 from gkpd import KroneckerSpec, factorized_conv2d, kronecker_conv2d, kronecker_linear, materialized_conv2d, reconstruct
@@ -217,12 +218,24 @@ def test_unpadded_1x1_steps_run_as_one_batched_matmul_and_traced_graphs_keep_the
     torch.testing.assert_close(traced(x), expected, **TOL)
 
 
-@pytest.mark.parametrize("shapes, order, adds", [
-    ([(1, 4, 3, 1), (6, 1, 1, 3)], "ab", 0),  # the last step a 1x3 conv: the bias goes into it
-    ([(6, 1, 1, 1), (1, 4, 3, 3)], "ba", 1),  # the last step a matmul: one add after it
-    ([(3, 2, 3, 1), (2, 2, 1, 3)], "ba", 1),  # a chain that folds channels: one add after it
+class _Calls(TorchFunctionMode):
+    """Records the name of every torch function called inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shapes, order, eager, traced_adds", [
+    ([(1, 4, 3, 1), (6, 1, 1, 3)], "ab", ("conv2d", "conv2d"), 0),  # the last step a 1x3 conv: the bias goes into it
+    ([(6, 1, 1, 1), (1, 4, 3, 3)], "ba", ("baddbmm", "addmm"), 0),  # the last step a matmul: into it
+    ([(3, 2, 3, 1), (2, 2, 1, 3)], "ba", ("add", "add"), 1),  # a chain that folds channels: one add after it
 ])
-def test_the_bias_goes_into_the_last_step_when_it_is_a_conv(shapes, order, adds: int) -> None:
+def test_the_bias_goes_into_the_last_step_of_a_plain_chain(shapes, order, eager, traced_adds: int) -> None:
     torch.manual_seed(0)
     factors = [torch.randn(3, *s, dtype=torch.float64) for s in shapes]
     weight = reconstruct(*factors)
@@ -231,7 +244,56 @@ def test_the_bias_goes_into_the_last_step_when_it_is_a_conv(shapes, order, adds:
     chain = gkpd.functional.plan(factors, (7, 6), pads=(1, 1, 1, 1), order=order)
     run = lambda x: chain.run(x, chain.kernels(factors), bias)  # noqa: E731
     expected = F.conv2d(x, weight, bias, padding=1)
-    torch.testing.assert_close(run(x), expected, **TOL)
+    for images, last in zip((x, x[:1]), eager):  # batch 2, then one image
+        with _Calls() as calls:
+            y = run(images)
+        torch.testing.assert_close(y, expected[: len(images)], **TOL)
+        ops = [name for name in calls.names if name in ("conv2d", "mm", "addmm", "bmm", "baddbmm", "add")]
+        assert ops[-1] == last and ops.count("add") == (last == "add")
     traced = torch.jit.trace(run, x, check_trace=False)
-    assert str(traced.graph).count("aten::add") == adds
+    assert str(traced.graph).count("aten::add") == traced_adds
     torch.testing.assert_close(traced(x), expected, **TOL)
+
+
+PLAIN_CHAINS = [  # (factor shapes, stride, pads): every plain route a packed kernel can meet
+    ([(16, 1, 1, 1), (1, 8, 3, 3)], (1, 1), (1, 1, 1, 1)),  # the SVD-like split: a 3x3 conv, then a matmul
+    ([(16, 1, 1, 1), (1, 8, 3, 3)], (2, 2), (1, 1, 1, 1)),  # strided
+    ([(16, 1, 1, 3), (1, 8, 3, 1)], (1, 1), (0, 1, 1, 0)),  # two convs; asymmetric pads (F.pad first)
+    ([(16, 1, 1, 1), (1, 8, 1, 1), (1, 1, 3, 1), (1, 1, 1, 3)], (1, 1), (1, 1, 1, 1)),  # CP: depthwise middle steps
+]
+
+
+@pytest.mark.skipif(not gkpd.functional._PACKED_OPS, reason="this torch has no oneDNN packed-conv ops")
+@pytest.mark.parametrize("shapes, stride, pads", PLAIN_CHAINS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_kernels_give_the_same_conv_and_the_inputs_layout(shapes, stride, pads, channels_last: bool) -> None:
+    torch.manual_seed(0)
+    factors = [torch.randn(2, *s) for s in shapes]
+    weight = reconstruct(*factors)
+    bias = torch.randn(weight.shape[0])
+    x = torch.randn(1, weight.shape[1], 9, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    top, bottom, left, right = pads
+    # float64 reference; the packed convs add in float32 and in their own order
+    expected = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(), bias.double(), stride=stride)
+    chain = gkpd.functional.plan(factors, (9, 8), stride, pads=pads)
+    assert chain.route == "plain" and gkpd.functional.packs(x)
+    packed = chain.pack(chain.kernels(factors))
+    convs = [not p for p in chain.pointwise]
+    assert [k.is_mkldnn for k in packed] == convs and any(convs)
+    with torch.inference_mode():
+        y = chain.run(x, packed, bias)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_only_one_float32_image_in_eager_mode_packs_and_only_a_plain_chain_packs() -> None:
+    x = torch.randn(1, 8, 5, 5)
+    assert gkpd.functional.packs(x) == gkpd.functional._PACKED_OPS
+    assert not gkpd.functional.packs(torch.randn(2, 8, 5, 5))
+    assert not gkpd.functional.packs(x.double())
+    folding = [torch.randn(2, 3, 2, 3, 1), torch.randn(2, 2, 2, 1, 3)]
+    chain = gkpd.functional.plan(folding, (5, 5), pads=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="only a plain chain packs its kernels, not a 'general' one"):
+        chain.pack(chain.kernels(folding))

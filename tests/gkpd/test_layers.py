@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import time
 
 import pytest
@@ -363,6 +365,54 @@ def test_a_traced_layer_reads_its_factors_not_the_kernels_kept_for_inference() -
     with torch.no_grad():
         layer.a.mul_(2)  # the traced module shares the parameters
         torch.testing.assert_close(traced(x), conv._conv_forward(x, reconstruct(layer.a, layer.b), conv.bias), **TOL)
+
+
+@pytest.mark.skipif(not gkpd.functional._PACKED_OPS, reason="this torch has no oneDNN packed-conv ops")
+@pytest.mark.parametrize("packed_wins", [True, False])
+def test_one_image_at_inference_runs_on_packed_kernels_only_where_they_ran_faster(
+    packed_wins: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    timings: list[set[str]] = []
+
+    def least_seconds(fns: dict, repeats: int) -> dict[str, float]:
+        timings.append(set(fns))
+        for fn in fns.values():
+            fn()
+        # 4% faster is within the margin: the plain kernels stay
+        return {"packed": 0.5 if packed_wins else 0.96, "plain": 1.0}
+
+    monkeypatch.setattr(gkpd.layers, "_least_seconds", least_seconds)
+    monkeypatch.setattr(gkpd.layers, "_PACK_CHOICE", {})
+    assert gkpd.layers.PACK_MARGIN == 0.05
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((16, 8, 3, 3), (16, 1, 1, 1), 3), path="factorized")
+    x = torch.randn(1, 8, 6, 6)
+
+    def expected() -> torch.Tensor:
+        weight = reconstruct(*(f.double() for f in layer.factors))
+        return nn.functional.conv2d(x.double(), weight, layer.bias.double(), padding=1)
+
+    layer.eval()
+    with torch.inference_mode():
+        outputs = [layer(x), layer(x)]
+    assert timings == [{"packed", "plain"}]  # once per chain
+    packed = layer._inference_cache.get((layer._chains[(6, 6)], "packed"))
+    assert (packed is not None) == packed_wins
+    if packed_wins:
+        assert [k.is_mkldnn for k in packed[1]] == [True, False]  # the 3x3 conv packed; the 1x1 step a matmul
+    for y in outputs:
+        torch.testing.assert_close(y.double(), expected(), rtol=1e-4, atol=1e-4)
+    copied = pickle.loads(pickle.dumps(copy.deepcopy(layer)))  # the kept (opaque) kernels are not copied
+    assert "_inference_cache" not in vars(copied)
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x), outputs[0], rtol=0, atol=0)
+    layer.train()
+    y = layer(x)  # training builds the kernels with the graph: nothing packed
+    y.sum().backward()
+    assert layer._inference_cache == {} and layer.a.grad is not None
+    torch.testing.assert_close(y.double(), expected(), rtol=1e-4, atol=1e-4)
+    assert len(timings) == 1
 
 
 def test_set_path_and_use_path() -> None:
