@@ -111,8 +111,8 @@ class Chain:
     ``route``: "plain" (every step a plain conv, :func:`is_plain`), "inner first" (:func:`_inner_first_then_1x1`)
     or "general" (channels folded into the batch between steps). ``pointwise``: per step of a plain chain, whether
     it is an unpadded 1x1 stride-1 conv over all channels (:func:`_pointwise`); ``convs``: per step of a plain
-    chain, its conv's stride, padding, dilation and groups. ``padding``: what the first conv pads itself (None:
-    asymmetric pads, done by ``F.pad`` first).
+    chain, its conv's stride, padding, dilation and groups (asymmetric ``pads`` are done by ``F.pad`` first, and
+    the first conv pads none).
 
     :meth:`kernels` arranges the factors as the steps' kernels (views where the layout allows, so gradients flow);
     a layer at inference keeps them between calls, packed for oneDNN where :func:`packs` allows (:meth:`pack`).
@@ -125,7 +125,6 @@ class Chain:
     pointwise: tuple[bool, ...]
     convs: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], int], ...]
     pads: tuple[int, int, int, int]
-    padding: tuple[int, int] | None
 
     def kernels(self, factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Each step's kernel: the first maps ``C_m`` to ``R * F_m`` (``[R*F_m, C_m, kh, kw]``), a middle one is
@@ -154,11 +153,7 @@ class Chain:
 
     def run(self, x: torch.Tensor, kernels: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
         """The chain on ``x [N, C, H, W]`` with :meth:`kernels`; ``bias`` goes into the last conv where it is one."""
-        if self.padding is None:
-            top, bottom, left, right = self.pads
-            x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
-        else:
-            padding = self.padding
+        x, padding = _pad(x, self.pads)
         if self.route == "plain":
             return _plain_chain(x, kernels, self.pointwise, self.convs, bias)  # the bias goes into the last step
         if self.route == "inner first":
@@ -221,9 +216,9 @@ def _chain(factor_shapes: tuple[tuple[int, ...], ...], in_hw: tuple[int, int], s
         pointwise = tuple(
             groups == 1 and tuple(step["kernel"]) == (1, 1) and conv_stride == (1, 1) and conv_padding == (0, 0)
             for step, (conv_stride, conv_padding, _, groups) in zip(steps, convs))
-        return Chain(spec, steps, "plain", pointwise, convs, pads, padding)
+        return Chain(spec, steps, "plain", pointwise, convs, pads)
     route = "inner first" if _inner_first_then_1x1(shapes, steps) else "general"
-    return Chain(spec, steps, route, (), (), pads, padding)
+    return Chain(spec, steps, route, (), (), pads)
 
 
 def is_plain(spec: KroneckerSpec, steps: Sequence[dict]) -> bool:
