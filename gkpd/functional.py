@@ -152,7 +152,8 @@ class Chain:
             for kernel, pointwise, (stride, padding, dilation, groups) in zip(kernels, self.pointwise, self.convs))
 
     def run(self, x: torch.Tensor, kernels: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The chain on ``x [N, C, H, W]`` with :meth:`kernels`; ``bias`` goes into the last conv where it is one."""
+        """The chain on ``x [N, C, H, W]`` with :meth:`kernels` (or :meth:`pack`'s); ``bias`` goes into a plain chain's
+        last step, else it is added after."""
         x, padding = _pad(x, self.pads)
         if self.route == "plain":
             return _plain_chain(x, kernels, self.pointwise, self.convs, bias)  # the bias goes into the last step

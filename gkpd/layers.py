@@ -184,9 +184,10 @@ class _KroneckerBase(nn.Module):
         and the packed ones ran the chain faster on an input like ``x`` (timed once per chain, layout and thread
         count, :func:`_least_seconds`), else as they are.
 
-        Neither wins everywhere. One image on the 2-core build machine: the SVD-like split 64 -> 14 -> 64 at 32x32
-        ran 0.55x dense packed against 0.60x; a rank-1 separable split 256 -> 1 -> 256 at 7x7 95 us packed against
-        54 us (oneDNN's op answers its one-channel map channels_last, and the next conv pays for it).
+        Neither wins everywhere. One image on the 2-core build machine, the layer packed against plain: the SVD-like
+        split 64 -> 14 -> 64 at 32x32 0.48x against 0.55x the dense conv, 512 -> 115 -> 512 at 4x4 0.41x against
+        0.52x; a rank-1 separable split 256 -> 1 -> 256 at 7x7 99 us against 57 us (oneDNN's op copies an NCHW input
+        to channels_last first and answers channels_last).
         """
         kernels = self._kernels(chain, factors)
         if chain.route != "plain" or not packs(x):
