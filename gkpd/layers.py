@@ -94,7 +94,7 @@ def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, re
     only ever adds time) of ``repeats`` (:func:`_least_seconds`).
     """
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    training = torch.is_grad_enabled() and factors[0].requires_grad
+    training = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
     factors_ = tuple(f.detach().requires_grad_(training) for f in factors)
 
     def call(path: Path, rows: torch.Tensor):
@@ -326,7 +326,7 @@ class KroneckerConv2d(_KroneckerBase):
         # A traced or compiled graph (ONNX export, fvcore) arranges the factors in it, so that it holds them.
         if in_graph():
             kernels = chain.kernels(factors)
-        elif torch.is_grad_enabled() and factors[0].requires_grad:
+        elif torch.is_grad_enabled() and any(f.requires_grad for f in factors):
             kernels = self._kernels(chain, factors)  # built with the graph each call
         else:
             kernels = self._inference_kernels(chain, factors, x, bias)

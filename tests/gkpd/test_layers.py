@@ -415,6 +415,27 @@ def test_one_image_at_inference_runs_on_packed_kernels_only_where_they_ran_faste
     assert len(timings) == 1
 
 
+@pytest.mark.parametrize("frozen", ["a", "b"])
+def test_a_layer_with_one_frozen_factor_still_trains_the_other(frozen: str) -> None:
+    """One image in float32 (where inference would pack kernels): with one factor frozen the forward still needs
+    autograd for the other, so nothing is kept or packed and the gradient is the dense conv's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    layer = KroneckerConv2d.from_conv(conv, KroneckerSpec((16, 8, 3, 3), (16, 1, 1, 1), 3), path="factorized")
+    getattr(layer, frozen).requires_grad_(False)
+    x = torch.randn(1, 8, 6, 6)
+    y = layer(x)
+    y.square().sum().backward()
+    trained = layer.b if frozen == "a" else layer.a
+    reference = trained.detach().clone().requires_grad_(True)
+    factors = (layer.a.detach(), reference) if frozen == "a" else (reference, layer.b.detach())
+    expected = nn.functional.conv2d(x, reconstruct(*factors), padding=1)
+    expected.square().sum().backward()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained.grad, reference.grad, rtol=1e-4, atol=1e-4)
+    assert getattr(layer, frozen).grad is None and layer._inference_cache == {}
+
+
 def test_set_path_and_use_path() -> None:
     model = nn.Sequential(
         KroneckerConv2d(4, 4, 3, a_shape=(2, 2, 1, 1), rank=1),
