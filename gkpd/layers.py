@@ -237,7 +237,7 @@ class _KroneckerBase(nn.Module):
         # The TorchScript-based ONNX exporter traces; torch.export and torch.compile report compiling.
         if in_graph():
             return "factorized"  # exported graphs carry the computation whose cost we report
-        grad = torch.is_grad_enabled() and self._parameters["a"].requires_grad
+        grad = torch.is_grad_enabled() and any(f.requires_grad for f in self.factors)
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         # This layer's earlier answers first: at batch 1 a forward is well under a millisecond, and building the
         # shared key (it hashes the spec) every call cost a visible share of it.
