@@ -144,10 +144,11 @@ class Chain:
 
     def pack(self, kernels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """A plain chain's :meth:`kernels` with every conv's kernel packed into oneDNN's layout (an opaque tensor:
-        no autograd, no storage) and the matmul steps' as they are; :meth:`run` on an input that :func:`packs`."""
+        no autograd, no storage) and the matmul steps' laid out contiguously; :meth:`run` on an input that
+        :func:`packs`."""
         if self.route != "plain":
             raise ValueError(f"only a plain chain packs its kernels, not a {self.route!r} one")
-        return tuple(kernel if pointwise else torch.ops.mkldnn._reorder_convolution_weight(
+        return tuple(kernel.contiguous() if pointwise else torch.ops.mkldnn._reorder_convolution_weight(
             kernel.contiguous(), padding, stride, dilation, groups)
             for kernel, pointwise, (stride, padding, dilation, groups) in zip(kernels, self.pointwise, self.convs))
 

@@ -401,6 +401,7 @@ def test_one_image_at_inference_runs_on_packed_kernels_only_where_they_ran_faste
     assert (packed is not None) == packed_wins
     if packed_wins:
         assert [k.is_mkldnn for k in packed[1]] == [True, False]  # the 3x3 conv packed; the 1x1 step a matmul
+        assert packed[1][1].is_contiguous()  # the matmul's kernel laid out once, not a transposed view
     for y in outputs:
         torch.testing.assert_close(y.double(), expected(), rtol=1e-4, atol=1e-4)
     copied = pickle.loads(pickle.dumps(copy.deepcopy(layer)))  # the kept (opaque) kernels are not copied
