@@ -31,8 +31,9 @@ from search.report import LATENCY_SHOWN, PREDICTION_SHOWN, best_row, format_tabl
 from search.sensitivity import study_table_key
 from search.storage import open_storage, redact, sqlite_path, without_password
 from search.study import (
-    check_identity, existing_identity, file_digest, finished_count, join_study, make_objective, open_study,
-    queue_long_finetune, requeue_interrupted_seeds, run_one, seed_plans, study_identity, trial_checkpoint, trial_plan,
+    check_identity, existing_identity, fail_own_running, file_digest, finished_count, join_study, make_objective,
+    open_study, queue_long_finetune, record_own_trials, requeue_interrupted_seeds, run_one, seed_plans,
+    study_identity, trial_checkpoint, trial_plan,
 )
 from search.teacher import find_teacher, get_teacher, load_teacher, teacher_cache_path, teacher_digest
 from search.train import evaluate, resolve_precision
@@ -281,6 +282,7 @@ def run_search(config: SearchConfig) -> int:
     log(f"search: {already} finished trials in the study, target {config.trials}; budget "
         + ", ".join(f"{v:g} {k}" for k, v in config.budget.items()) + f"; out {config.out}")
     failures = 0
+    own = record_own_trials(study)
     try:
         while True:
             done = finished_count(study)
@@ -305,6 +307,7 @@ def run_search(config: SearchConfig) -> int:
                                    f"last: {last.user_attrs.get('fail_reason')}")
             log(f"progress: {eta(finished_count(study) - already)}")
     except KeyboardInterrupt as stop:
+        fail_own_running(study, own)  # one interrupted inside Optuna's ask(), outside its guard
         requeue_interrupted_seeds(study)
         log("search: interrupted; the running trial is marked failed (a seed plan is queued again), "
             "finished trials are kept")

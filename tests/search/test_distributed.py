@@ -278,6 +278,28 @@ def test_ctrl_c_marks_running_trials_failed_and_exits_130(worker_env, search_arg
     assert (out / "trials.csv").is_file() and not (out / "best").exists(), "report written, nothing exported"
 
 
+def test_ctrl_c_while_optuna_creates_a_trial_fails_that_trial_and_queues_its_seed_again(
+    teacher_cache: Path, search_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna guards only the objective: a Ctrl-C inside ``study.ask()`` (here in the sampler, after the trial is
+    RUNNING in the storage) left that trial RUNNING for good (the Ctrl-C test above failed that way once)."""
+    from search.cli import config_from_args, parse_args
+    from search.run import run_search
+
+    def interrupted(self, study, trial) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optuna.samplers.TPESampler, "before_trial", interrupted)
+    monkeypatch.setenv("GKPD_CACHE", str(teacher_cache))
+    config = config_from_args(parse_args(search_args(tmp_path / "run", "asked", 3)))
+    assert run_search(config) == 130
+    trials = trials_of(config.storage_url, "asked")
+    assert trials[0].state == TrialState.FAIL and TrialState.RUNNING not in {t.state for t in trials}
+    seed = trials[0].user_attrs["seed"]
+    assert [t.number for t in trials if t.user_attrs.get("seed") == seed and t.state == TrialState.WAITING] == [
+        len(trials) - 1]  # queued again, last
+
+
 def test_nan_loss_and_out_of_memory_fail_the_trial_and_the_study_goes_on(
     teacher_cache: Path, search_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
