@@ -283,23 +283,24 @@ def _pointwise(y: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None 
     if y.device.type == "cpu" and not in_graph():
         n, c, f = y.shape[0], y.shape[1], kernel.shape[0]
         weight = kernel.reshape(f, c)
+        column = None if bias is None else bias[:, None]  # broadcast over the pixels of an [F, pixels] answer
         if y.is_contiguous():
             if n == 1:
-                rows = y.view(c, -1)
-                out = torch.mm(weight, rows) if bias is None else torch.addmm(bias[:, None], weight, rows)
-            else:
-                rows = y.view(n, c, -1)
-                out = (torch.bmm(weight.expand(n, f, c), rows) if bias is None
-                       else torch.baddbmm(bias[:, None], weight.expand(n, f, c), rows))
-            return out.view(n, f, *y.shape[2:])
+                return _times(weight, y.view(c, -1), column).view(n, f, *y.shape[2:])
+            return _times(weight.expand(n, f, c), y.view(n, c, -1), column).view(n, f, *y.shape[2:])
         if n == 1 and y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last):
             pixels = y.permute(0, 2, 3, 1).reshape(-1, c)  # a view
             if channels_last:
-                out = torch.mm(pixels, weight.t()) if bias is None else torch.addmm(bias, pixels, weight.t())
-                return out.view(1, *y.shape[2:], f).permute(0, 3, 1, 2)
-            out = torch.mm(weight, pixels.t()) if bias is None else torch.addmm(bias[:, None], weight, pixels.t())
-            return out.view(1, f, *y.shape[2:])
+                return _times(pixels, weight.t(), bias).view(1, *y.shape[2:], f).permute(0, 3, 1, 2)
+            return _times(weight, pixels.t(), column).view(1, f, *y.shape[2:])
     return (F.conv2d if kernel.dim() == 4 else F.conv1d)(y, kernel, bias)
+
+
+def _times(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b`` (batched when 3-D), plus ``bias`` broadcast over it in the same op."""
+    if a.dim() == 3:
+        return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
 def _plain_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], pointwise: Sequence[bool],
@@ -311,14 +312,13 @@ def _plain_chain(x: torch.Tensor, kernels: Sequence[torch.Tensor], pointwise: Se
     y, last = x, len(kernels) - 1
     for i, kernel in enumerate(kernels):
         step_bias = bias if i == last else None
+        stride, padding, dilation, groups = convs[i]
         if pointwise[i]:
             y = _pointwise(y, kernel, step_bias, channels_last)  # e.g. the SVD-like split's R -> F, CP's first and last
         elif kernel.is_mkldnn:
-            stride, padding, dilation, groups = convs[i]
             y = torch.ops.mkldnn._convolution_pointwise(y, kernel, step_bias, padding, stride, dilation, groups,
                                                         "none", [], None)
         else:
-            stride, padding, dilation, groups = convs[i]
             y = F.conv2d(y, kernel, step_bias, stride, padding, dilation, groups)
     # oneDNN's op answers channels_last; the layer answers in its input's layout, as nn.Conv2d does.
     return y if channels_last or y.is_contiguous() else y.contiguous()

@@ -103,8 +103,6 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-
-
 def resolve_precision(precision: str, device: Device) -> str:
     """"fp32" or "bf16": what ``precision`` ("auto", "fp32", "bf16") means for training on ``device``.
 
