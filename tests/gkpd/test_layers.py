@@ -351,6 +351,62 @@ def test_inference_keeps_the_dense_weight_or_the_kernels_until_a_factor_changes(
         assert len(rebuilt) == 4  # one rebuild after the step, one after load_state_dict
 
 
+@pytest.mark.parametrize("cls", [KroneckerConv2d, KroneckerLinear])
+def test_inference_reuses_its_settled_call_until_something_it_depends_on_changes(cls) -> None:
+    """At inference a layer settles its call once (path, kept weight or kernels) and reuses it for inputs of the
+    same shape, strides, dtype and device; a changed factor or bias, path, input or thread count settles it again,
+    and every answer is the dense layer's on the current weight."""
+    torch.manual_seed(0)
+    if cls is KroneckerConv2d:
+        dense = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
+        layer = KroneckerConv2d.from_conv(dense, KroneckerSpec((6, 4, 3, 3), (6, 1, 1, 1), 2), path="materialized")
+        inputs = [torch.randn(1, 4, 5, 5, dtype=torch.float64), torch.randn(2, 4, 7, 7, dtype=torch.float64)]
+        op = lambda x, w, b: nn.functional.conv2d(x, w, b, padding=1)  # noqa: E731
+    else:
+        dense = nn.Linear(6, 4, dtype=torch.float64)
+        layer = KroneckerLinear.from_linear(dense, KroneckerSpec((4, 6), (2, 3), 2), path="materialized")
+        inputs = [torch.randn(3, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)]
+        op = nn.functional.linear
+    settled: list[int] = []
+    real = layer._inference_call
+    layer._inference_call = lambda x, factors: settled.append(1) or real(x, factors)
+    layer.eval()
+
+    def check(x: torch.Tensor, settles: int) -> None:
+        with torch.inference_mode():
+            y = layer(x)
+        torch.testing.assert_close(y, op(x, reconstruct(*layer.factors).detach(), layer.bias), **TOL)
+        assert len(settled) == settles
+
+    x, other = inputs
+    check(x, 1)
+    check(x, 1)  # reused: nothing changed
+    with torch.no_grad():
+        layer.a.mul_(2)  # in place: a new version
+    check(x, 2)
+    with torch.no_grad():
+        layer.bias.add_(1)
+    check(x, 3)
+    layer.bias = nn.Parameter(torch.zeros_like(layer.bias))  # replaced
+    check(x, 4)
+    set_path(layer, "factorized")
+    check(x, 5)
+    check(other, 6)  # another shape
+    check(x, 7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        check(x, 8)
+    finally:
+        torch.set_num_threads(threads)
+    del layer._inference_call  # the counting wrapper (a local function) would not pickle
+    copied = pickle.loads(pickle.dumps(copy.deepcopy(layer)))
+    assert "_fast_call" in vars(layer) and "_fast_call" not in vars(copied)
+    layer.train()
+    layer(x).sum().backward()  # training drops what inference kept
+    assert "_fast_call" not in vars(layer) and layer.a.grad is not None
+
+
 def test_a_traced_layer_reads_its_factors_not_the_kernels_kept_for_inference() -> None:
     """ONNX export and fvcore trace the model: the graph must hold the factors, so that it is the layer."""
     torch.manual_seed(0)
