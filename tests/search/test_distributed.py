@@ -49,9 +49,18 @@ def _no_process_outlives_its_test() -> Iterator[None]:
 
 
 def start(args: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """``search.py args`` in its own process group (so a test can Ctrl-C it and its children together)."""
-    process = subprocess.Popen([*SEARCH, *args], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    """``search.py args`` in its own process group (so a test can Ctrl-C it and its children together).
+
+    As a terminal's foreground job: a program started in the background by a non-interactive shell (``pytest
+    &``) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt, so the Ctrl-C tests would
+    see a search run to its end. A caught signal is reset to its default by exec, an ignored one is not.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([*SEARCH, *args], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     _STARTED.append(process)
     return process
 
