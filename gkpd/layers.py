@@ -240,7 +240,22 @@ class _KroneckerBase(nn.Module):
                 kept = cache[slot] = (key, build(factors))
         return kept[1]
 
-    def _inference_call(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factors = self.factors
+        if not (torch.is_grad_enabled() and any(f.requires_grad for f in factors)) and not in_graph():
+            return self._at_inference(x, factors)
+        self.__dict__.pop("_fast_call", None)  # training or tracing: let go of what inference kept
+        return self._run(x, factors, self._path(x))
+
+    def _path(self, x: torch.Tensor) -> Path:
+        """The path a forward on ``x`` takes: the layer's own, or ``auto``'s choice for inputs like ``x``."""
+        raise NotImplementedError
+
+    def _run(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], path: Path) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _inference_call(self, x: torch.Tensor,
+                        factors: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
         """The forward at inference on inputs like ``x``, with everything it needs settled (path, kept values)."""
         raise NotImplementedError
 
@@ -374,25 +389,19 @@ class KroneckerConv2d(_KroneckerBase):
         return self.path if self.path != "auto" else self._choose(
             x, (tuple(x.shape[-2:]), self.stride, self.dilation, self.pads), self._run)
 
-    def _inference_call(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _inference_call(self, x: torch.Tensor,
+                        factors: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
         bias = self._parameters.get("bias")
         if self._path(x) == "materialized":
-            weight, padding = self._dense_weight(factors), _conv_padding(self.pads)
+            weight, stride, dilation, pads = self._dense_weight(factors), self.stride, self.dilation, self.pads
+            padding = _conv_padding(pads)
             if padding is None:  # asymmetric pads: F.pad first
-                return lambda x: kronecker_conv2d(x, factors, bias, stride=self.stride, dilation=self.dilation,
-                                                  pads=self.pads, path="materialized", weight=weight)
-            stride, dilation = self.stride, self.dilation
+                return lambda x: kronecker_conv2d(x, factors, bias, stride=stride, dilation=dilation, pads=pads,
+                                                  path="materialized", weight=weight)
             return lambda x: F.conv2d(x, weight, bias, stride, padding, dilation)
         chain = self._chain(x, factors)
         kernels = self._inference_kernels(chain, factors, x, bias)
         return lambda x: chain.run(x, kernels, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factors = self.factors
-        if not (torch.is_grad_enabled() and any(f.requires_grad for f in factors)) and not in_graph():
-            return self._at_inference(x, factors)
-        self.__dict__.pop("_fast_call", None)  # training or tracing: let go of what inference kept
-        return self._run(x, factors, self._path(x))
 
     def to_dense(self) -> nn.Conv2d:
         """An nn.Conv2d with the reconstructed weight (and the same bias)."""
@@ -459,19 +468,13 @@ class KroneckerLinear(_KroneckerBase):
     def _path(self, x: torch.Tensor) -> Path:
         return self._choose(x, tuple(x.shape[1:-1]), self._run)
 
-    def _inference_call(self, x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _inference_call(self, x: torch.Tensor,
+                        factors: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
         bias = self._parameters.get("bias")
         if self._path(x) == "materialized":
             weight = self._dense_weight(factors)
             return lambda x: F.linear(x, weight, bias)
         return lambda x: kronecker_linear(x, factors, bias, path="factorized")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factors = self.factors
-        if not (torch.is_grad_enabled() and any(f.requires_grad for f in factors)) and not in_graph():
-            return self._at_inference(x, factors)
-        self.__dict__.pop("_fast_call", None)  # training or tracing: let go of what inference kept
-        return self._run(x, factors, self._path(x))
 
     def to_dense(self) -> nn.Linear:
         """An nn.Linear with the reconstructed weight (and the same bias)."""
