@@ -173,41 +173,40 @@ def seed_plans(config: SearchConfig, space: SearchSpace, *, scores: Scores | Non
     return unique
 
 
-def record_own_trials(study: optuna.Study) -> list[int]:
+def record_own_trials(study: optuna.Study) -> set[int]:
     """From now on, record the id of every trial this process sets RUNNING in ``study``'s storage (a new one, or a
-    queued one it takes), for :func:`fail_own_running`.
+    queued one it takes) until it sets it finished, for :func:`fail_own_running`.
 
     ``study.optimize`` guards only the objective: a Ctrl-C inside ``study.ask()`` (the sampler samples after the
     trial is RUNNING in the storage) left the trial RUNNING with no heartbeat ever written, so nothing failed it,
     and a resumed run waited on it. Only its creator knows it is its own (other workers may share the study).
     """
-    storage, own = study._storage, []
+    storage, own = study._storage, set()
     create, set_state = storage.create_new_trial, storage.set_trial_state_values
 
     def create_new_trial(study_id: int, template_trial: FrozenTrial | None = None) -> int:
         trial_id = create(study_id, template_trial)
-        own.append(trial_id)
+        if template_trial is None or template_trial.state == TrialState.RUNNING:
+            own.add(trial_id)
         return trial_id
 
     def set_trial_state_values(trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         updated = set_state(trial_id, state, values)
         if updated and state == TrialState.RUNNING:
-            own.append(trial_id)
+            own.add(trial_id)
+        elif updated and state.is_finished():
+            own.discard(trial_id)  # only running ones are looked up on an interrupt
         return updated
 
     storage.create_new_trial, storage.set_trial_state_values = create_new_trial, set_trial_state_values
     return own
 
 
-def fail_own_running(study: optuna.Study, own: Sequence[int]) -> list[int]:
-    """Mark FAIL every trial of ``own`` (:func:`record_own_trials`) still RUNNING after an interrupt; their numbers."""
-    failed = []
-    for trial_id in own:
-        trial = study._storage.get_trial(trial_id)
-        if trial.state == TrialState.RUNNING:
+def fail_own_running(study: optuna.Study, own: set[int]) -> None:
+    """Mark FAIL every trial of ``own`` (:func:`record_own_trials`) still RUNNING after an interrupt."""
+    for trial_id in list(own):
+        if study._storage.get_trial(trial_id).state == TrialState.RUNNING:
             study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
-            failed.append(trial.number)
-    return failed
 
 
 def requeue_interrupted_seeds(study: optuna.Study) -> list[str]:
