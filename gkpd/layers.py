@@ -52,6 +52,11 @@ def _check_path(path: str) -> None:
         raise ValueError(f"unknown path {path!r}: allowed {_LAYER_PATHS}")
 
 
+def _needs_grad(factors: Sequence[torch.Tensor]) -> bool:
+    """Whether a forward on ``factors`` builds an autograd graph (training): any factor trains, grad mode is on."""
+    return torch.is_grad_enabled() and any(f.requires_grad for f in factors)
+
+
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -98,7 +103,7 @@ def _measure_path(x: torch.Tensor, factors: tuple[torch.Tensor, ...], run, *, re
     only ever adds time) of ``repeats`` (:func:`_least_seconds`).
     """
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    training = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
+    training = _needs_grad(factors)
     factors_ = tuple(f.detach().requires_grad_(training) for f in factors)
 
     def call(path: Path, rows: torch.Tensor):
@@ -228,7 +233,7 @@ class _KroneckerBase(nn.Module):
         in-place change bumps the version, ``.to()`` gives new storage, so a stale value is never used. A forward
         that needs gradients (training) drops every kept value and builds it each time, as it must.
         """
-        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+        if _needs_grad(factors):
             self._inference_cache = {}
             return build(factors)
         # New storage (another device, dtype or shape) has another address; an in-place change bumps the version.
@@ -242,7 +247,7 @@ class _KroneckerBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = self.factors
-        if not (torch.is_grad_enabled() and any(f.requires_grad for f in factors)) and not in_graph():
+        if not _needs_grad(factors) and not in_graph():
             return self._at_inference(x, factors)
         self.__dict__.pop("_fast_call", None)  # training or tracing: let go of what inference kept
         return self._run(x, factors, self._path(x))
@@ -285,7 +290,7 @@ class _KroneckerBase(nn.Module):
         # The TorchScript-based ONNX exporter traces; torch.export and torch.compile report compiling.
         if in_graph():
             return "factorized"  # exported graphs carry the computation whose cost we report
-        grad = torch.is_grad_enabled() and any(f.requires_grad for f in self.factors)
+        grad = _needs_grad(self.factors)
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         # This layer's earlier answers first: at batch 1 a forward is well under a millisecond, and building the
         # shared key (it hashes the spec) every call cost a visible share of it.
@@ -370,7 +375,7 @@ class KroneckerConv2d(_KroneckerBase):
         # A traced or compiled graph (ONNX export, fvcore) arranges the factors in it, so that it holds them.
         if in_graph():
             kernels = chain.kernels(factors)
-        elif torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+        elif _needs_grad(factors):
             kernels = self._kernels(chain, factors)  # built with the graph each call
         else:
             kernels = self._inference_kernels(chain, factors, x, bias)
